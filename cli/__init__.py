@@ -39,7 +39,8 @@ def _global(
             os.environ[name] = value
 
 
-from . import compress as _compress  # noqa: E402,F401  (registers commands)
+# Each module registers its commands on `app` when imported; heavy imports stay inside the commands.
+from . import batch, cache, compress, evaluate, index  # noqa: E402,F401
 
 
 def main() -> None:
