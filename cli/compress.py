@@ -25,12 +25,15 @@ def compress(
     path: Annotated[Optional[str], typer.Argument(help="File to compress; '-' or nothing reads stdin.")] = None,
     budget: Annotated[str, typer.Option("--budget", "-b", help="4k, 4096, 1.5k, 25% (of the input) or x4.")] = "x4",
     query: Annotated[Optional[str], typer.Option("--query", "-q", help="Question the output must answer.")] = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="Method or pipeline (see `ctxc methods`).")] = "extractive",
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method or pipeline (see `ctxc methods`); default: extractive, or code for source files.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="cl100k (default), model or hf:PATH.")] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="text or json.")] = Format.text,
     mark_gaps: Annotated[bool, typer.Option("--mark-gaps", help="Put … on its own line where text was cut.")] = False,
     mode: Annotated[Optional[str], typer.Option("--mode", help="truncate: head, tail or head+tail.")] = None,
     encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8), e.g. latin-1.")] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="tokens: regex whose matches always survive (repeatable).")] = None,
+    keep_structure: Annotated[bool, typer.Option("--keep-structure", help="tokens: keep newlines and indentation.")] = False,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="tokens: score with the first K transformer layers only.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print one JSON line of figures to stderr.")] = False,
     fail_if_over: Annotated[bool, typer.Option("--fail-if-over", help="Exit 3 when nothing fits the budget.")] = False,
 ):
@@ -43,12 +46,14 @@ def compress(
     """
     from ..api import compress as run
     from ..budget import Budget
+    from ..compressors.registry import auto_method
     from ..textio import read_text
 
     Budget.parse(budget)  # fail on a bad budget before reading stdin
     text = read_text(stdin_or_path(path), encoding)
+    method = method or auto_method(stdin_or_path(path))
     res = run(text, budget, query=query, method=method, tokenizer=tokenizer, mark_gaps=mark_gaps, mode=mode,
-              fail_if_over=fail_if_over)
+              fail_if_over=fail_if_over, keep=keep or None, keep_structure=keep_structure or None, layers=layers)
     if fmt is Format.json:
         sys.stdout.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
     else:

@@ -41,6 +41,20 @@ for _name, _target, _desc in [
     register(_name, _target, _desc)
 
 
+CODE_SUFFIXES = frozenset(
+    ".py .pyi .js .jsx .ts .tsx .java .c .h .cc .cpp .hpp .cs .go .rs .rb .php .swift .kt .scala .sh .lua .m .r".split()
+)
+
+
+def auto_method(path: str | None) -> str:
+    """`code` for source files (by extension) when that method is registered, else `extractive`."""
+    from pathlib import Path
+
+    if path and Path(path).suffix.lower() in CODE_SUFFIXES and "code" in _REGISTRY:
+        return "code"
+    return "extractive"
+
+
 def available_methods() -> list[MethodInfo]:
     return sorted(_REGISTRY.values(), key=lambda m: m.name)
 
