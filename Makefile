@@ -31,6 +31,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/bench_extractive.py
+	$(BIN)/python bench/bench_cli_startup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,138 @@
-"""CLI commands (placeholder module: filled in by its owner)."""
+"""`ctxc batch`: compress a directory tree into a mirror tree (resumable, parallel, optionally on Ray)."""
 
 from __future__ import annotations
 
-from . import app  # noqa: F401
+import json
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from ._common import die, err_console, handle_errors
+
+
+class BatchFormat(str, Enum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+@handle_errors
+def batch(
+    in_dir: Annotated[str, typer.Argument(help="Directory to compress (never written to).")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Output directory (mirrors IN_DIR; must not overlap it).")],
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Per file: 4k, 4096, 25% or x4 (default from config, else x4).")] = None,
+    query: Annotated[Optional[str], typer.Option("--query", "-q", help="Question every output must answer.")] = None,
+    queries: Annotated[Optional[str], typer.Option("--queries", help='JSONL of {"path": REL, "query": Q}: per-file queries (others use --query).')] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method or pipeline; default: config, else extractive (code for source files).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="cl100k (default), model or hf:PATH.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Only paths matching this glob (repeatable; '*.md', 'docs/*').")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Skip paths matching this glob (repeatable; a bare name skips that folder anywhere).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Worker processes (Ray: actors); each loads the model once.")] = None,
+    engine: Annotated[Optional[Engine], typer.Option("--engine", help="local processes or a ray cluster.")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join, e.g. 10.0.0.5:6379 or ray://head:10001 (default: start a local one).")] = None,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8); outputs are UTF-8.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="truncate: head, tail or head+tail.")] = None,
+    mark_gaps: Annotated[bool, typer.Option("--mark-gaps", help="Put … on its own line where text was cut.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo every file, ignoring manifest.jsonl.")] = False,
+    fmt: Annotated[BatchFormat, typer.Option("--format", "-f", help="text: summary table on stderr; json: summary on stdout; jsonl: one line per file on stdout.")] = BatchFormat.text,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
+):
+    """Compress every text file under IN_DIR into the same path under OUT_DIR.
+
+    Binary, undecodable and empty files are skipped (counted by reason); a file that fails does not stop the
+    batch, but the exit code is 1. OUT_DIR/manifest.jsonl records each input's sha256, settings and result, so a
+    rerun (also after a crash or kill -9) skips what is done and redoes what changed.
+
+    \b
+    Examples:
+      ctxc batch docs/ -o docs.min/ --budget 25%
+      ctxc batch repo/ -o ctx/ -b 2k -q "how is auth done?" --include '*.py' --exclude tests -j 2
+      ctxc batch reports/ -o out/ -b 1k --queries questions.jsonl --format jsonl | jq .output_tokens
+      ctxc batch big/ -o big.min/ -b x4 --engine ray --address 10.0.0.5:6379 -j 16
+    """
+    from .. import config
+    from ..batch import BatchSettings, read_queries, run_batch
+
+    settings = BatchSettings(
+        budget=budget or config.get("budget"), method=method or config.get("method"),
+        tokenizer=tokenizer or config.get("tokenizer"), query=query, encoding=encoding or config.get("encoding"),
+        options={k: v for k, v in {"mode": mode, "mark_gaps": mark_gaps or None}.items() if v is not None},
+    )
+    per_file = read_queries(queries) if queries else None
+    eng = (engine.value if engine else None) or config.get("engine")
+    n_jobs = jobs or config.get("jobs")
+    console = err_console()
+    bar = task = None
+    if progress:
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
+
+        bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+                       TextColumn("{task.fields[tokens]:,} tokens in"), TimeElapsedColumn(), TextColumn("eta"),
+                       TimeRemainingColumn(), console=console, transient=False)
+    counter = {"tokens": 0}
+
+    def on_plan(n_todo: int, n_unchanged: int) -> None:
+        nonlocal task
+        if bar is not None and n_todo:
+            bar.start()
+            task = bar.add_task("batch", total=n_todo, tokens=0)
+        if n_unchanged:
+            console.print(f"{n_unchanged} file(s) already handled by an earlier run (manifest.jsonl): not redone")
+
+    def on_result(r) -> None:
+        if fmt is BatchFormat.jsonl:
+            sys.stdout.write(r.manifest_line() + "\n")
+            sys.stdout.flush()
+        if r.status == "unchanged":
+            return
+        counter["tokens"] += r.input_tokens
+        if bar is not None and task is not None:
+            bar.update(task, advance=1, tokens=counter["tokens"])
+
+    try:
+        summary = run_batch(in_dir, out_dir, settings, include=include or config.get("include"),
+                            exclude=exclude or config.get("exclude"), queries=per_file, jobs=n_jobs, engine=eng,
+                            address=address or config.get("ray_address"), force=force, on_plan=on_plan,
+                            on_result=on_result)
+    finally:
+        if bar is not None and task is not None:  # stopping a bar that never started would print a blank line
+            bar.stop()
+    if fmt is BatchFormat.json:
+        typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
+    _print_summary(console, summary)
+    for rel in summary.unmatched_queries[:5]:
+        console.print(f"warning: --queries names {rel!r}, which is not among the files to compress")
+    if summary.failed:
+        first, reason = summary.failures[0]
+        raise die(f"{summary.failed} file(s) failed; first: {first}: {reason}", 1)
+
+
+def _print_summary(console, s) -> None:
+    from rich.table import Table
+
+    t = Table(title="ctxc batch", show_edge=False, box=None, title_justify="left")
+    t.add_column("files", justify="right")
+    t.add_column("")
+    t.add_row(f"{s.done:,}", "compressed")
+    t.add_row(f"{s.unchanged:,}", "unchanged (already done)")
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(s.skip_reasons.items()))
+    t.add_row(f"{s.skipped:,}", "skipped" + (f" ({reasons})" if reasons else ""))
+    t.add_row(f"{s.failed:,}", "failed")
+    t.add_section()
+    t.add_row(f"{s.tokens_in:,}", "tokens in")
+    t.add_row(f"{s.tokens_out:,}", f"tokens out (ratio {s.ratio:.2f}x)")
+    t.add_row(f"{s.seconds:.1f}s", f"{s.engine}, {s.workers} worker(s) -> {s.out_dir}")
+    console.print(t)
+    for rel, reason in s.failures[:5]:
+        console.print(f"failed: {rel}: {reason}")

@@ -1,8 +1,19 @@
-"""Pipelines: stages run left to right, each on the previous stage's output.
+"""Pipelines: stages joined with `+` run left to right, each on the previous stage's output.
 
-Budget rule: the last stage gets the final budget; each earlier stage gets `2x` the budget of the stage after it,
-unless the stage says otherwise with `@Nx` (a multiple of the final budget), e.g. `extractive@3x+tokens`.
+Budget rule: the last stage gets the final budget B; each earlier stage gets twice the budget of the stage after it
+(so `a+b+c` gives c B, b 2B, a 4B), unless the stage sets its own with `@Nx`, N times the final budget (N >= 1).
+An override also anchors the doubling for the stages before it: `a+b@3x+c` gives c B, b 3B, a 6B.
+The idea: a cheap coarse stage first (retrieval, extractive) hands a finer, costlier stage (token-level pruning with
+the LM) a bit more than it can use, so the fine stage still has choices to make. A stage whose input already fits
+its budget is skipped. Options are given to every stage that declares them (others ignore them).
 Kept spans are mapped back to the original input through each stage.
+
+>>> p = PipelineCompressor.from_spec("truncate+truncate+truncate"); p.stage_budgets(100)
+[400, 200, 100]
+>>> PipelineCompressor.from_spec("truncate@3x+truncate+truncate").stage_budgets(100)
+[300, 200, 100]
+>>> PipelineCompressor.from_spec("truncate+truncate@3x+truncate").stage_budgets(100)
+[600, 300, 100]
 """
 
 from __future__ import annotations
@@ -14,50 +25,73 @@ from ..errors import MethodError
 from ..tokenizers import Tokenizer
 from .base import Compressed, Compressor
 
+_STAGE = re.compile(r"([\w\-]+)(?:@(\d+(?:\.\d+)?)x)?")
+_HINT = "write stages as NAME or NAME@Nx joined by '+', e.g. extractive@3x+truncate"
+
 
 @dataclass
 class PipelineCompressor(Compressor):
+    """Runs compressors in sequence under shrinking budgets (see the module docstring for the budget rule).
+
+    Parameters
+    ----------
+    stages: the compressor instances, first to last.
+    multipliers: per stage, its budget as a multiple of the final budget, or None for the doubling rule; the last
+        stage must be None (it always gets the final budget).
+    """
+
     name = "pipeline"
-    description = "stages joined with '+'"
+    description = "stages joined with '+': each earlier stage gets 2x the budget of the next (override: NAME@Nx)"
     stages: list = field(default_factory=list)
     multipliers: list = field(default_factory=list)
 
+    def __post_init__(self):
+        if not self.stages:
+            raise MethodError("a pipeline needs at least one stage", _HINT)
+        if len(self.multipliers) != len(self.stages):
+            raise MethodError("a pipeline needs one multiplier (or None) per stage", _HINT)
+        if self.multipliers[-1] is not None:
+            raise MethodError("the last pipeline stage always gets the final budget; it takes no @Nx",
+                              "put @Nx on an earlier stage, e.g. extractive@3x+truncate")
+        for m in self.multipliers:
+            if m is not None and m < 1:
+                raise MethodError(f"bad stage multiplier @{m:g}x: must be >= 1",
+                                  "an earlier stage must get at least the final budget")
+        self.needs_model = any(getattr(s, "needs_model", False) for s in self.stages)
+
     @classmethod
-    def from_spec(cls, spec: str, **options) -> "PipelineCompressor":
+    def from_spec(cls, spec: str, **options) -> "Compressor":
+        """Parse `a@3x+b+c`; a single stage without `@` is returned as the plain compressor."""
         from .registry import get_compressor
 
         stages, mults = [], []
         for part in spec.split("+"):
             part = part.strip()
-            m = re.fullmatch(r"([\w\-]+)(?:@(\d+(?:\.\d+)?)x)?", part)
+            m = _STAGE.fullmatch(part)
             if not m:
-                raise MethodError(f"bad pipeline stage {part!r} in {spec!r}", "use e.g. extractive@3x+tokens")
+                raise MethodError(f"bad pipeline stage {part!r} in {spec!r}", _HINT)
             stages.append(get_compressor(m.group(1), **options))
             mults.append(float(m.group(2)) if m.group(2) else None)
-        if len(stages) < 2 and mults[0] is None:
+        if len(stages) == 1 and mults[0] is None:
             return stages[0]
         return cls(stages=stages, multipliers=mults)
 
     def stage_budgets(self, budget: int) -> list[int]:
-        out, mult = [], 1.0
-        for i in range(len(self.stages) - 1, -1, -1):
-            m = self.multipliers[i]
-            if i == len(self.stages) - 1:
-                out.append(int(budget * m) if m else budget)
-            else:
-                mult *= 2.0
-                out.append(int(budget * m) if m else int(budget * mult))
+        """Token budget of each stage, first to last, for a final budget of `budget`."""
+        out = [budget]
+        for m in reversed(self.multipliers[:-1]):
+            out.append(max(budget, int(budget * m)) if m is not None else 2 * out[-1])
         return out[::-1]
 
     def compress(self, text: str, budget: int, tokenizer: Tokenizer, query: str | None = None) -> Compressed:
         cur = text
         # offsets[i] = original offset of character i of `cur` (None for separator text that a stage inserted)
         offsets: list[int | None] = list(range(len(text)))
-        info = {"stages": []}
+        info: dict = {"stages": []}
         for stage, b in zip(self.stages, self.stage_budgets(budget)):
-            b = min(b, budget) if stage is self.stages[-1] else b
-            if tokenizer.count(cur) <= b:
-                info["stages"].append({"method": stage.name, "budget": b, "skipped": "fits"})
+            n = tokenizer.count(cur)
+            if n <= b:
+                info["stages"].append({"method": stage.name, "budget": b, "tokens": n, "skipped": "fits"})
                 continue
             res = stage.compress(cur, b, tokenizer, query)
             offsets = _reindex(res, cur, offsets)
@@ -81,6 +115,11 @@ def _reindex(res: Compressed, stage_input: str, offsets: list) -> list:
 
 
 def _spans(offsets: list) -> list[tuple[int, int]]:
+    """Runs of consecutive original offsets as (start, end) spans.
+
+    >>> _spans([0, 1, 2, None, 5, 6])
+    [(0, 3), (5, 7)]
+    """
     spans: list[list[int]] = []
     for o in offsets:
         if o is None:

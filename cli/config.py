@@ -1,0 +1,65 @@
+"""`ctxc config show`: the effective settings and where each came from."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from . import app
+from ._common import handle_errors
+
+config_app = typer.Typer(
+    help="Settings from ./ctxc.toml, ~/.config/ctxc/config.toml and CTXC_* environment variables.\n\n"
+    "Precedence: command-line option > environment variable > ./ctxc.toml > user config file > default.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+
+
+class ShowFormat(str, Enum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+@config_app.command("show")
+@handle_errors
+def show(
+    fmt: Annotated[ShowFormat, typer.Option("--format", "-f", help="text (table), json or jsonl.")] = ShowFormat.text,
+):
+    """Print every setting, its effective value and its source (default, env VAR or a file path).
+
+    \b
+    Examples:
+      ctxc config show
+      CTXC_TOKENIZER=model ctxc config show --format json
+      echo 'budget = "4k"' > ctxc.toml && ctxc config show
+    """
+    from ..config import KEYS, config_files, effective
+
+    settings = effective()
+    rows = [{"key": s.name, "value": s.value, "source": s.source, "env": KEYS[s.name].env} for s in settings.values()]
+    if fmt is ShowFormat.json:
+        files = [str(p) for p in config_files()]
+        typer.echo(json.dumps({"settings": rows, "files": files}, ensure_ascii=False))
+        return
+    if fmt is ShowFormat.jsonl:
+        for r in rows:
+            typer.echo(json.dumps(r, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, box=None)
+    for col in ("key", "value", "source", "env"):
+        table.add_column(col, overflow="fold")  # long paths wrap instead of being cut with an ellipsis
+    for r in rows:
+        v = r["value"]
+        shown = "-" if v is None or v == [] else (", ".join(v) if isinstance(v, list) else str(v))
+        table.add_row(r["key"], shown, r["source"], r["env"] or "")
+    Console(highlight=False, soft_wrap=True).print(table)
+    looked = ", ".join(str(p) + ("" if p.is_file() else " (absent)") for p in config_files()) or "none (CTXC_CONFIG=)"
+    typer.echo(f"config files: {looked}", err=True)
