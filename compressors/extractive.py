@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..document import Unit
+from ..document import Unit, split_units
 from ..retrievers.bm25 import BM25, tokenize_words
 from .base import SpanSelector
 
@@ -35,6 +35,8 @@ class ExtractiveCompressor(SpanSelector):
     ----------
     dense_weight: weight of the dense score in the fusion (BM25 gets 1 - dense_weight); 0 means BM25 only.
     neighbor_weight: share of the best neighbour's score added to a unit's score.
+    paragraph_weight: share of the enclosing paragraph's score added to a unit's score.
+    lead_weight: bonus for the first units, decaying over about three units (query mode).
     prefilter: units embedded at most before their neighbours are added (query mode).
     mmr_lambda: relevance vs redundancy trade-off without a query (1 = no redundancy penalty).
     embedder: path to a sentence-transformers model (default: the bundled all-MiniLM-L6-v2).
@@ -44,6 +46,8 @@ class ExtractiveCompressor(SpanSelector):
     description = "verbatim sentences chosen by query relevance (dense+BM25) or centrality, knapsack under the budget"
     dense_weight: float = 0.6
     neighbor_weight: float = 0.35
+    paragraph_weight: float = 0.3
+    lead_weight: float = 0.1
     prefilter: int = 384
     mmr_lambda: float = 0.7
     embedder: str | None = None
@@ -57,34 +61,57 @@ class ExtractiveCompressor(SpanSelector):
     def score(self, text: str, units: list[Unit], query: str | None) -> np.ndarray:
         texts = [u.text(text) for u in units]
         if query and query.strip():
-            s = self._query_scores(texts, units, query)
+            s = self._query_scores(text, units, query)
         else:
             s = self._centrality_scores(texts, units)
         return s
 
-    def _query_scores(self, texts: list[str], units: list[Unit], query: str) -> np.ndarray:
+    def _fused(self, texts: list[str], query: str, q_vec: "np.ndarray | None", prefilter: int | None = None) -> np.ndarray:
+        """BM25 fused with dense similarity for `texts`; only the best BM25 hits (and neighbours) are embedded."""
         n = len(texts)
         bm = BM25(texts).scores(query).astype(np.float64)
         bm_n = bm / bm.max() if bm.max() > 0 else np.zeros(n)
-        fused = bm_n.copy()
-        if self.dense_weight > 0:
-            if n <= self.prefilter * 2:
-                cand = np.arange(n)
-            else:
-                top = np.argsort(-bm, kind="stable")[: self.prefilter]
-                cand = np.unique(np.concatenate([top - 1, top, top + 1, np.arange(min(3, n))]).clip(0, n - 1))
-            vecs = self._embed([texts[i] for i in cand] + [query])
-            dense = np.zeros(n)
-            dense[cand] = vecs[:-1] @ vecs[-1]
-            dense_n = np.zeros(n)
-            dense_n[cand] = _unit_norm(dense[cand])
-            fused = self.dense_weight * dense_n + (1 - self.dense_weight) * bm_n
+        if self.dense_weight <= 0 or q_vec is None:
+            return bm_n
+        k = prefilter or self.prefilter
+        if n <= k * 2:
+            cand = np.arange(n)
+        else:
+            top = np.argsort(-bm, kind="stable")[:k]
+            cand = np.unique(np.concatenate([top - 1, top, top + 1, np.arange(min(3, n))]).clip(0, n - 1))
+        dense_n = np.zeros(n)
+        dense_n[cand] = _unit_norm(self._embed([texts[i] for i in cand]) @ q_vec)
+        return self.dense_weight * dense_n + (1 - self.dense_weight) * bm_n
+
+    def _query_scores(self, text: str, units: list[Unit], query: str) -> np.ndarray:
+        """Hierarchical relevance: a unit's own score, its sentence's (when the unit is a clause), its paragraph's,
+        and its neighbours' — evidence for an answer is rarely confined to the one span that matches the question."""
+        q_vec = self._embed([query])[0] if self.dense_weight > 0 else None
+        sents = split_units(text)
+        sent_texts = [u.text(text) for u in sents]
+        sent_score = self._fused(sent_texts, query, q_vec)
+        para_ids = sorted({u.para for u in sents})
+        para_spans = {p: (min(u.start for u in sents if u.para == p), max(u.end for u in sents if u.para == p))
+                      for p in para_ids} if len(para_ids) <= 4000 else {}
+        para_score = np.zeros(max(para_ids) + 1 if para_ids else 1)
+        if len(para_spans) > 1:
+            # Paragraphs are long (the embedder reads 256 word pieces of each): embed only the best BM25 few.
+            ps = self._fused([text[a:b][:1200] for a, b in para_spans.values()], query, q_vec, prefilter=32)
+            para_score[list(para_spans)] = ps
+        starts = np.array([u.start for u in sents])
+        own = sent_score
+        if any(u.level != "sentence" for u in units):
+            own = self._fused([u.text(text) for u in units], query, q_vec)
+            parent = np.clip(np.searchsorted(starts, [u.start for u in units], side="right") - 1, 0, len(sents) - 1)
+            own = 0.5 * own + 0.5 * sent_score[parent]
+        fused = own + self.paragraph_weight * para_score[[u.para for u in units]]
         # Neighbour smoothing within a paragraph, so context around a hit survives with it.
         para = np.array([u.para for u in units])
         left = np.r_[0.0, fused[:-1]] * np.r_[False, para[1:] == para[:-1]]
         right = np.r_[fused[1:], 0.0] * np.r_[para[:-1] == para[1:], False]
         smoothed = fused + self.neighbor_weight * np.maximum(left, right)
-        smoothed[0] += 0.05  # titles and lead sentences frame the rest
+        # Lead prior: short passages (encyclopedia entries, abstracts) put the key facts first.
+        smoothed += self.lead_weight * np.exp(-np.arange(len(units)) / 3.0)
         return smoothed + 1e-3  # tiny floor: spare budget goes to something rather than nothing
 
     def _centrality_scores(self, texts: list[str], units: list[Unit]) -> np.ndarray:

@@ -54,6 +54,8 @@ class Embedder:
         if dtype != torch.float32:
             self.model = self.model.to(dtype)
         self.dtype = str(dtype).replace("torch.", "")
+        self._memo: dict[str, np.ndarray] = {}
+        self.memo_size = 200_000
         dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim_fn())
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -63,16 +65,51 @@ class Embedder:
         return Path(self.path).name if Path(self.path).name != "model" else Path(self.path).parent.name
 
     def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+        """Embed `texts`; repeated texts (many questions over one document) come from a bounded memo."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        todo = [i for i, t in enumerate(texts) if t not in self._memo]
+        for i, t in enumerate(texts):
+            if t in self._memo:
+                out[i] = self._memo[t]
+        if todo:
+            import torch
+
+            with torch.inference_mode():
+                vecs = self.model.encode(
+                    [texts[i] for i in todo], batch_size=batch_size, normalize_embeddings=True,
+                    convert_to_numpy=True, show_progress_bar=show_progress,
+                )
+            vecs = np.asarray(vecs, dtype=np.float32)
+            if len(self._memo) + len(todo) > self.memo_size:
+                self._memo.clear()
+            for j, i in enumerate(todo):
+                out[i] = vecs[j]
+                self._memo[texts[i]] = vecs[j]
+        return out
+
+
+    def encode_query(self, text: str, threads: int | None = 1) -> np.ndarray:
+        """One normalised vector for one short text, skipping `encode`'s batching machinery.
+
+        A query is a few dozen tokens: one thread does it in about the time two take (the work is too small to
+        split), and leaves the other core free, so `threads=1` by default; None keeps torch's setting.
+        """
         import torch
 
-        with torch.inference_mode():
-            vecs = self.model.encode(
-                texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                show_progress_bar=show_progress,
-            )
-        return np.ascontiguousarray(vecs, dtype=np.float32)
+        prev = torch.get_num_threads()
+        if threads and threads != prev:
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                pre = getattr(self.model, "preprocess", None) or self.model.tokenize
+                feats = pre([text])
+                feats = {k: (v.to(self.model.device) if hasattr(v, "to") else v) for k, v in feats.items()}
+                vec = self.model(feats)["sentence_embedding"].float()
+                vec = torch.nn.functional.normalize(vec, dim=-1)
+        finally:
+            if threads and threads != prev:
+                torch.set_num_threads(prev)
+        return np.ascontiguousarray(vec[0].cpu().numpy(), dtype=np.float32)
 
 
 def get_embedder(path: str | None = None, device: str | None = None) -> Embedder:

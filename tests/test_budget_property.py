@@ -50,4 +50,5 @@ def test_truncate_never_exceeds_budget(doc, budget, mode):
 @pytest.mark.parametrize("budget", [1, 2, 5])
 def test_tiny_budgets_on_real_text(sample_text, budget):
     res = _check(sample_text, budget, method="extractive", query="FEMA")
-    assert res.text == "" or res.text in sample_text
+    assert res.text.strip(), "a few tokens of real text always fit something"
+    assert all(sample_text[s:e] in res.text for s, e in res.kept)
