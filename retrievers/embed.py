@@ -87,7 +87,6 @@ class Embedder:
                 self._memo[texts[i]] = vecs[j]
         return out
 
-
     def encode_query(self, text: str, threads: int | None = 1) -> np.ndarray:
         """One normalised vector for one short text, skipping `encode`'s batching machinery.
 
