@@ -1,1 +1,14 @@
-"""KV cartridges: pre-computed, optionally compressed KV caches stored content-addressed on disk."""
+"""KV cartridges: pre-computed, optionally compressed KV caches stored content-addressed on disk.
+
+`build` prefills a document once (chunked), optionally evicts entries (SnapKV) and quantizes them (int8/int4), and
+stores the result as safetensors + a JSON manifest; `load` turns it back into a transformers `DynamicCache`; `ask`
+answers a question from a cartridge (or, as the baseline, from a freshly prefilled file).
+"""
+
+from .cartridge import AskResult, BuildResult, LoadedCartridge, ask, build, cartridge_id, check_compatible, load
+from .engine import Settings
+from .format import FORMAT_TAG, FORMAT_VERSION
+from .store import CartridgeStore, store_root
+
+__all__ = ["ask", "build", "load", "cartridge_id", "check_compatible", "AskResult", "BuildResult", "LoadedCartridge",
+           "Settings", "CartridgeStore", "store_root", "FORMAT_TAG", "FORMAT_VERSION"]

@@ -1,5 +1,341 @@
-"""CLI commands (placeholder module: filled in by its owner)."""
+"""`ctxc cache build|ls|show|rm|verify|gc|export|import` and `ctxc ask`: KV cartridges from the command line."""
 
 from __future__ import annotations
 
-from . import app  # noqa: F401
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from ._common import err_console, handle_errors
+
+cache_app = typer.Typer(
+    name="cache",
+    help="KV cartridges: a document's KV cache computed once by the local model, stored, reused by `ctxc ask`.\n\n"
+    "Example: ctxc cache build report.txt --quant int8 && ctxc ask report.txt 'What changed in 2019?'",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(cache_app, name="cache")
+
+
+class Quant(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def _set_model(model: str | None) -> None:
+    if model:
+        os.environ["CTXC_MODEL"] = model
+
+
+def _text_files(root: Path) -> list[Path]:
+    return sorted(f for f in root.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.relative_to(root).parts))
+
+
+@cache_app.command("build")
+@handle_errors
+def build_cmd(
+    path: Annotated[str, typer.Argument(help="Text file, or a directory (one cartridge per text file).")],
+    evict: Annotated[str, typer.Option("--evict", help="none, or snapkv:RATIO (fraction of KV entries removed).")] = "none",
+    quant: Annotated[Quant, typer.Option("--quant", help="Store keys/values as is, or group-wise int8 / int4.")] = Quant.none,
+    name: Annotated[Optional[str], typer.Option("--name", help="Label for `ctxc ask NAME` (default: the file name).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Local LM (same as the global --model).")] = None,
+    window: Annotated[int, typer.Option("--window", help="SnapKV observation window (last tokens that vote).")] = 64,
+    group_size: Annotated[int, typer.Option("--group-size", help="Values per quantization scale/zero pair.")] = 64,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Prefill chunk length in tokens.")] = 2048,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8).")] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="text (ids on stdout) or json (one object per line).")] = Format.text,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
+):
+    """Prefill a document once and store its KV cache as a cartridge; prints the cartridge id.
+
+    Building the same document with the same model and settings again reuses the first cartridge.
+
+    Examples:
+      ctxc cache build report.txt
+      ctxc cache build report.txt --evict snapkv:0.5 --quant int4 --name report-small
+      ctxc cache build docs/ --quant int8
+    """
+    from ..cache_store.cartridge import build
+    from ..cache_store.engine import Settings, document_ids
+    from ..cache_store.store import CartridgeStore
+    from ..errors import InputError
+    from ..model import load_model
+    from ..textio import read_text
+
+    _set_model(model)
+    Settings.parse(evict, quant.value, window=window, group_size=group_size)  # bad options fail before the model loads
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"{path} does not exist", "pass a text file or a directory of text files")
+    explicit = not root.is_dir()
+    files = [root] if explicit else _text_files(root)
+    if not files:
+        raise InputError(f"{path} holds no files", "pass a text file or a directory of text files")
+    docs: list[tuple[Path, str]] = []
+    skipped: list[str] = []
+    for f in files:
+        try:
+            docs.append((f, read_text(f, encoding)))
+        except InputError as err:
+            if explicit:
+                raise
+            skipped.append(f"{f}: {err.message}")
+    if not docs:
+        raise InputError(f"no text files in {path}", "; ".join(skipped[:3]))
+    lm = load_model()
+    store = CartridgeStore()
+    console = err_console()
+    counts = [len(document_ids(lm, t)[0]) for _, t in docs]
+    results = []
+    show = progress and (len(docs) > 1 or counts[0] > 2 * chunk_size)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True, disable=not show)
+    with bar:
+        task = bar.add_task("prefill", total=sum(counts))
+        for (f, text), n in zip(docs, counts):
+            bar.update(task, description=f"{f.name[:32]}")
+            label = name if (explicit and name) else (f.name if explicit else str(f.relative_to(root)))
+            done = {"n": 0}
+
+            def step(k: int) -> None:
+                done["n"] += k
+                bar.advance(task, k)
+
+            r = build(text, lm=lm, evict=evict, quant=quant.value, name=label, source=f, store=store,
+                      chunk_size=chunk_size, window=window, group_size=group_size, progress=step)
+            if done["n"] < n:
+                bar.advance(task, n - done["n"])
+            results.append((f, r))
+            m = r.manifest
+            line = {"id": r.id, "name": m.get("name"), "path": str(r.path), "doc": str(f), "tokens": m["tokens"],
+                    "kept_tokens": m["kept_tokens"], "bytes": m["files"]["kv.safetensors"]["bytes"],
+                    "settings": m.get("settings_label"), "reused": r.reused, "seconds": round(r.seconds, 3)}
+            if fmt is Format.json:
+                sys.stdout.write(json.dumps(line) + "\n")
+            else:
+                sys.stdout.write(r.id + "\n")
+            sys.stdout.flush()
+            verb = "reused" if r.reused else f"built in {r.seconds:.1f} s"
+            console.print(f"{r.id[:12]} {m.get('name') or '-'}: {m['kept_tokens']:,}/{m['tokens']:,} tokens, "
+                          f"{_human(line['bytes'])}, {m.get('settings_label')} ({verb})")
+    if skipped:
+        console.print(f"skipped {len(skipped)} file(s) that are not text: " + "; ".join(skipped[:5]))
+
+
+@cache_app.command("ls")
+@handle_errors
+def ls_cmd(
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="text (table) or json (list of objects).")] = Format.text,
+):
+    """List cartridges, most recently used first."""
+    from ..cache_store.store import CartridgeStore
+
+    store = CartridgeStore()
+    entries = sorted(store.entries(), key=lambda e: -e.last_used)
+    rows = [e.summary() for e in entries]
+    if fmt is Format.json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        err_console().print(f"no cartridges in {store.root} (build one with `ctxc cache build FILE`)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, box=None)
+    for col, just in (("id", "left"), ("name", "left"), ("doc", "left"), ("tokens", "right"), ("size", "right"),
+                      ("settings", "left"), ("age", "right"), ("used", "right")):
+        table.add_column(col, justify=just)
+    for r in rows:
+        if r["error"]:
+            table.add_row(r["id"][:12], "-", f"DAMAGED: {r['error']}", "-", _human(r["bytes"]), "-", "-", "-")
+            continue
+        tokens = f"{r['tokens']:,}" if r["kept_tokens"] == r["tokens"] else f"{r['kept_tokens']:,}/{r['tokens']:,}"
+        table.add_row(r["id"][:12], r["name"] or "-", Path(r["doc"]).name if r["doc"] else "-", tokens,
+                      _human(r["bytes"]), r["settings"] or "-", _age(r["created"]), _age(r["last_used"]))
+    table.add_section()
+    table.add_row("", f"{len(rows)} cartridge(s)", "", "", _human(sum(r["bytes"] for r in rows)), str(store.root),
+                  "", "")
+    # Not a terminal (a pipe, a file): wide enough that ids and settings are never cut.
+    Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@cache_app.command("show")
+@handle_errors
+def show_cmd(
+    ref: Annotated[str, typer.Argument(help="Cartridge id, unique id prefix or name.")],
+    tensors: Annotated[bool, typer.Option("--tensors", help="Include every tensor's shape, dtype and sha256.")] = False,
+):
+    """Print a cartridge's manifest (JSON)."""
+    from ..cache_store.store import CartridgeStore
+
+    store = CartridgeStore()
+    m = store.manifest(ref)
+    if not tensors:
+        m = {k: v for k, v in m.items() if k != "tensors"}
+        m["tensor_count"] = len(store.manifest(ref)["tensors"])
+    m["path"] = str(store.path(m["id"]))
+    typer.echo(json.dumps(m, indent=1, ensure_ascii=False))
+
+
+@cache_app.command("rm")
+@handle_errors
+def rm_cmd(
+    refs: Annotated[list[str], typer.Argument(help="Cartridge ids, unique id prefixes or names.")],
+):
+    """Delete cartridges."""
+    from ..cache_store.store import CartridgeStore
+
+    store = CartridgeStore()
+    ids = [store.resolve(r) for r in refs]  # every name must resolve before anything is deleted
+    for cid in dict.fromkeys(ids):
+        store.remove(cid)
+        err_console().print(f"removed {cid}")
+
+
+@cache_app.command("verify")
+@handle_errors
+def verify_cmd(
+    ref: Annotated[Optional[str], typer.Argument(help="One cartridge (default: all).")] = None,
+):
+    """Check manifests, file sizes and sha256 checksums; exit 1 if any cartridge is damaged."""
+    from ..cache_store.store import CartridgeStore
+
+    results = CartridgeStore().verify(ref)
+    bad = 0
+    for cid, problem in results:
+        if problem:
+            bad += 1
+            typer.echo(f"DAMAGED {cid} {problem}")
+        else:
+            typer.echo(f"ok {cid}")
+    if bad:
+        err_console().print(f"{bad} of {len(results)} cartridges are damaged (remove them with `ctxc cache rm ID`)")
+        raise typer.Exit(1)
+
+
+@cache_app.command("gc")
+@handle_errors
+def gc_cmd(
+    max_size: Annotated[str, typer.Option("--max-size", help="Keep the store under this size, e.g. 2G or 500M.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would be removed.")] = False,
+):
+    """Remove least recently used cartridges (damaged ones first) until the store fits --max-size."""
+    from ..budget import parse_size
+    from ..cache_store.store import CartridgeStore
+
+    limit = parse_size(max_size)
+    removed, left = CartridgeStore().gc(limit, dry_run=dry_run)
+    for cid in removed:
+        typer.echo(("would remove " if dry_run else "removed ") + cid)
+    err_console().print(f"{len(removed)} cartridge(s) {'to remove' if dry_run else 'removed'}; "
+                        f"{_human(left)} {'would be' if dry_run else 'is'} left (limit {_human(limit)})")
+
+
+@cache_app.command("export")
+@handle_errors
+def export_cmd(
+    ref: Annotated[str, typer.Argument(help="Cartridge id, unique id prefix or name.")],
+    out: Annotated[str, typer.Option("--output", "-o", help="Tar file to write.")],
+):
+    """Write a cartridge (manifest + tensors) to a tar file, after checking its checksums."""
+    from ..cache_store.store import CartridgeStore
+
+    cid, path = CartridgeStore().export(ref, out)
+    err_console().print(f"exported {cid} to {path}")
+
+
+@cache_app.command("import")
+@handle_errors
+def import_cmd(
+    path: Annotated[str, typer.Argument(help="Tar file written by `ctxc cache export`.")],
+):
+    """Add a cartridge from a tar file (checksums are checked first); prints its id."""
+    from ..cache_store.store import CartridgeStore
+
+    cid, added = CartridgeStore().import_tar(path)
+    typer.echo(cid)
+    err_console().print(f"{'imported' if added else 'already present:'} {cid}")
+
+
+@app.command()
+@handle_errors
+def ask(
+    target: Annotated[str, typer.Argument(help="Cartridge (id, unique id prefix or name), else a text file.")],
+    question: Annotated[Optional[str], typer.Argument(help="The question.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")] = 128,
+    name: Annotated[Optional[str], typer.Option("--name", help="Use the cartridge with this name; then the only argument is the question.")] = None,
+    prefill: Annotated[bool, typer.Option("--prefill", help="Treat TARGET as a file and prefill it (the baseline).")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print one JSON line of timings to stderr.")] = False,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding of a file (default utf-8).")] = None,
+):
+    """Answer a question about a document from its cartridge (or, for a plain file, after a fresh prefill).
+
+    The answer streams to stdout. --stats prints {"load_s", "ttft_s", "prefill_tokens", "new_tokens",
+    "tokens_per_s", ...}; ttft_s counts from the end of model loading.
+
+    Examples:
+      ctxc ask report.txt "What changed in 2019?"
+      ctxc ask 3f2a9c "Who signed it?" --stats
+      ctxc ask --name report "Who signed it?" -n 64
+    """
+    from ..cache_store.cartridge import ask as run
+    from ..cache_store.store import CartridgeStore
+    from ..errors import CacheError, InputError
+
+    store = CartridgeStore()
+    if name:
+        if question is not None:
+            raise InputError("with --name, pass only the question", f'ctxc ask --name {name} "question"')
+        cid = store.by_name(name)
+        if cid is None:
+            raise CacheError(f"no cartridge is named {name!r}", "list them with `ctxc cache ls`")
+        target, question = cid, target
+    elif question is None:
+        raise InputError("the question is missing", 'ctxc ask CARTRIDGE_OR_FILE "question"')
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    res = run(target, question, max_new_tokens=max_new_tokens, store=store, on_text=emit, prefill=prefill,
+              encoding=encoding)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        sys.stderr.write(json.dumps(res.stats) + "\n")

@@ -63,7 +63,8 @@ def compress(
     fmt: Annotated[Format, typer.Option("--format", "-f", help="text, json (one object) or jsonl (one line per file).")] = Format.text,
     null: Annotated[bool, typer.Option("--null", "-0", help="Read NUL-separated file paths from stdin (find -print0).")] = False,
     mark_gaps: Annotated[bool, typer.Option("--mark-gaps", help="Put … on its own line where text was cut.")] = False,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="truncate: head, tail or head+tail.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="truncate: head, tail or head+tail; retrieve: dense, bm25 or hybrid.")] = None,
+    coarse_threshold: Annotated[Optional[int], typer.Option("--coarse-threshold", metavar="TOKENS", help="With --query, inputs over this many tokens are first cut by in-memory hybrid retrieval (default 32768; 0 = off).")] = None,
     encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8), e.g. latin-1.")] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", help="tokens: regex whose matches always survive (repeatable).")] = None,
     keep_structure: Annotated[bool, typer.Option("--keep-structure", help="tokens: keep newlines and indentation.")] = False,
@@ -102,7 +103,7 @@ def compress(
         m = method or config.get("method") or auto_method(stdin_or_path(p))
         res = run(text, budget, query=query, method=m, tokenizer=tokenizer, mark_gaps=mark_gaps, mode=mode,
                   fail_if_over=ceiling is not None, keep=keep or None, keep_structure=keep_structure or None,
-                  layers=layers)
+                  layers=layers, coarse_threshold=coarse_threshold)
         if ceiling is not None and res.output_tokens > ceiling.resolve(res.input_tokens):
             raise OverBudgetError(
                 f"{p or 'stdin'}: the best output has {res.output_tokens} tokens, over --fail-if-over "

@@ -37,6 +37,12 @@ for _name, _target, _desc in [
     ("truncate", "ctxc.compressors.truncate:TruncateCompressor", "keep the head, the tail or both (baseline)"),
     ("extractive", "ctxc.compressors.extractive:ExtractiveCompressor",
      "verbatim sentences chosen by query relevance (dense+BM25) or centrality, knapsack under the budget"),
+    ("tokens", "ctxc.compressors.tokens:TokensCompressor", "LM-scored word pruning (LongLLMLingua-style), exact budget"),
+    ("retrieve", "ctxc.compressors.retrieve:RetrieveCompressor", "hybrid (dense+BM25) retrieval of the input's chunks"),
+    ("code", "ctxc.compressors.code:CodeCompressor",
+     "source files: keep imports/signatures/docstrings, best bodies whole by query (BM25+dense+LM), rest as ..."),
+    ("abstractive", "ctxc.compressors.abstractive:AbstractiveCompressor",
+     "map-reduce summary by the local instruct LM (query-focused with --query); not verbatim"),
 ]:
     register(_name, _target, _desc)
 

