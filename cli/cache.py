@@ -31,6 +31,11 @@ class Quant(str, Enum):
     int4 = "int4"
 
 
+class KeyAxis(str, Enum):
+    channel = "channel"
+    token = "token"
+
+
 class Format(str, Enum):
     text = "text"
     json = "json"
@@ -73,6 +78,7 @@ def build_cmd(
     model: Annotated[Optional[str], typer.Option("--model", help="Local LM (same as the global --model).")] = None,
     window: Annotated[int, typer.Option("--window", help="SnapKV observation window (last tokens that vote).")] = 64,
     group_size: Annotated[int, typer.Option("--group-size", help="Values per quantization scale/zero pair.")] = 64,
+    key_axis: Annotated[KeyAxis, typer.Option("--key-axis", help="Quantize keys per channel over tokens (KIVI) or per token.")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Prefill chunk length in tokens.")] = 2048,
     encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8).")] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="text (ids on stdout) or json (one object per line).")] = Format.text,
@@ -95,7 +101,8 @@ def build_cmd(
     from ..textio import read_text
 
     _set_model(model)
-    Settings.parse(evict, quant.value, window=window, group_size=group_size)  # bad options fail before the model loads
+    key_axis = key_axis or KeyAxis.channel
+    Settings.parse(evict, quant.value, window=window, group_size=group_size, key_axis=key_axis.value)  # bad options fail before the model loads
     root = Path(path)
     if not root.exists():
         raise InputError(f"{path} does not exist", "pass a text file or a directory of text files")
@@ -137,7 +144,8 @@ def build_cmd(
                 bar.advance(task, k)
 
             r = build(text, lm=lm, evict=evict, quant=quant.value, name=label, source=f, store=store,
-                      chunk_size=chunk_size, window=window, group_size=group_size, progress=step)
+                      chunk_size=chunk_size, window=window, group_size=group_size, progress=step,
+                      key_axis=key_axis.value)
             if done["n"] < n:
                 bar.advance(task, n - done["n"])
             results.append((f, r))

@@ -1,0 +1,339 @@
+"""Build, load and ask: the library API behind `ctxc cache build` and `ctxc ask`.
+
+>>> from ctxc.cache_store import build, ask
+>>> built = build(open("report.txt").read(), quant="int8", name="report")     # doctest: +SKIP
+>>> ask("report", "What changed in 2019?").text                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import CacheError, InputError
+from . import engine
+from .engine import Settings
+from .format import FORMAT_TAG, FORMAT_VERSION, MANIFEST, TENSORS, dtype_name, read_manifest, read_tensor_file, \
+    sha256_bytes, tensor_sha256
+from .store import CartridgeStore
+
+ID_CHARS = 32
+
+
+@dataclass
+class BuildResult:
+    id: str
+    path: Path
+    manifest: dict
+    reused: bool
+    seconds: float
+
+
+@dataclass
+class Prefilled:
+    """A document run through the model once: reusable for several cartridge settings (the benchmark does this)."""
+
+    text: str
+    ids: list
+    n_prefix: int
+    cache: object
+    queries: dict
+    seconds: float
+    window: int
+
+
+def prefill_document(text: str, *, lm=None, window: int = engine.DEFAULT_WINDOW,
+                     chunk_size: int = engine.DEFAULT_CHUNK,
+                     progress: Callable[[int], None] | None = None) -> Prefilled:
+    """Chunked prefill of the cartridge prompt (template prefix + `text`), capturing the SnapKV window queries."""
+    lm = _model(lm)
+    ids, n_prefix = engine.document_ids(lm, text)
+    if len(ids) > lm.max_context:
+        raise InputError(f"the document has {len(ids):,} tokens, more than the model's context of {lm.max_context:,}",
+                         "split it, or shrink it first with `ctxc compress --budget ...`")
+    t = time.perf_counter()
+    cache, _, queries = engine.prefill(lm, ids, chunk_size=chunk_size, window=window, progress=progress)
+    return Prefilled(text, ids, n_prefix, cache, queries, time.perf_counter() - t, window)
+
+
+@dataclass
+class LoadedCartridge:
+    """A cartridge turned back into a transformers DynamicCache. `position` is the number of original tokens it
+    stands for (where the next token's RoPE position starts); `kept` is the cache length after eviction."""
+
+    id: str
+    manifest: dict
+    cache: object
+    position: int
+    kept: int
+    seconds: float
+
+
+@dataclass
+class AskResult:
+    text: str
+    stats: dict
+    new_ids: list = field(default_factory=list)
+
+
+def _model(lm):
+    if lm is not None:
+        return lm
+    from ..model import load_model
+
+    return load_model()
+
+
+def document_sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cartridge_id(lm, doc_sha: str, settings: Settings) -> str:
+    """The content address: everything that determines the stored tensors, hashed."""
+    before, after, style = engine.prompt_parts(lm)
+    key = {"format_version": FORMAT_VERSION, "model": lm.fingerprint, "tokenizer": lm.tokenizer.fingerprint,
+           "dtype": dtype_name(lm.dtype), "document": doc_sha, "template": [before, style], **settings.key()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:ID_CHARS]
+
+
+def _kv_shape(lm) -> tuple[int, int, int]:
+    cfg = lm.model.config.get_text_config(decoder=True) if hasattr(lm.model.config, "get_text_config") \
+        else lm.model.config
+    heads = cfg.num_attention_heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, \
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
+def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = None, name: str | None = None,
+          source: str | os.PathLike | None = None, store: CartridgeStore | None = None,
+          chunk_size: int = engine.DEFAULT_CHUNK, window: int = engine.DEFAULT_WINDOW,
+          group_size: int = engine.DEFAULT_GROUP, progress: Callable[[int], None] | None = None,
+          prefilled: Prefilled | None = None, key_axis: str = "channel") -> BuildResult:
+    """Prefill `text` with the local model and store its KV cache as a cartridge (or reuse an identical one).
+
+    Parameters
+    ----------
+    text : the document.
+    evict : "none" or "snapkv:RATIO" (fraction of the document's KV entries removed, per layer and KV head).
+    quant : "none", "int8" or "int4" (group-wise, `group_size` values per fp16 scale/zero pair).
+    key_axis : "channel" (default: keys grouped per channel over `group_size` tokens, as KIVI) or "token".
+    name : a label for `ctxc ask NAME`; it moves to this cartridge if another one had it.
+    source : where the text came from (recorded for `ls`, not used otherwise).
+    progress : called with the number of tokens after each prefill chunk.
+    prefilled : a `prefill_document` result for this text to reuse (its window must cover `window`).
+    """
+    t0 = time.perf_counter()
+    if not text or not text.strip():
+        raise InputError("the document is empty", "pass a file with text in it")
+    settings = Settings.parse(evict, quant, window=window, group_size=group_size, key_axis=key_axis)
+    if chunk_size < 16:
+        raise InputError(f"chunk size {chunk_size} is too small", "use e.g. --chunk-size 2048")
+    store = store or CartridgeStore()
+    lm = _model(lm)
+    n_layers, kv_heads, head_dim = _kv_shape(lm)
+    if settings.quant != "none" and head_dim % min(settings.group_size, head_dim):
+        raise InputError(f"group size {settings.group_size} does not divide the head size {head_dim}",
+                         "pick a smaller power of two")
+    doc_sha = document_sha(text)
+    cid = cartridge_id(lm, doc_sha, settings)
+    with store.lock(cid):
+        if store.exists(cid):
+            m = read_manifest(store.path(cid), cid)
+            store.touch(cid)
+            store.set_name(cid, name)
+            if progress:
+                progress(m.get("tokens", 0))
+            return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), True,
+                               time.perf_counter() - t0)
+        needs_window = settings.evict != "none"
+        if prefilled is None or prefilled.text != text or (needs_window and prefilled.window < settings.window):
+            prefilled = prefill_document(text, lm=lm, window=settings.window if settings.evict != "none" else 0,
+                                         chunk_size=chunk_size, progress=progress)
+        ids, n_prefix, cache, queries, prefill_s = prefilled.ids, prefilled.n_prefix, prefilled.cache, \
+            prefilled.queries, prefilled.seconds
+        n = len(ids)
+        if settings.evict != "none" and prefilled.window != settings.window:
+            queries = {i: q[:, :, -settings.window:] for i, q in queries.items()}
+        tensors, kept = engine.to_tensors(lm, cache, settings, n_prefix, queries)
+        del cache, queries, prefilled
+        from safetensors.torch import save as st_save
+
+        data = st_save(tensors, metadata={"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "id": cid})
+        tensor_info = {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": tensor_sha256(t)}
+                       for k, t in sorted(tensors.items())}
+        tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        before, after, style = engine.prompt_parts(lm)
+        quant_info: dict = {"method": settings.quant}
+        if settings.quant != "none":
+            quant_info.update(bits=8 if settings.quant == "int8" else 4, group_size=min(settings.group_size, head_dim),
+                              scale_dtype="float16", key_axis=settings.key_axis, value_axis="token",
+                              scheme="asymmetric min/max, code*scale+zero")
+            if settings.key_axis == "channel":
+                quant_info["key_group_tokens"] = settings.group_size
+        manifest = {
+            "format": FORMAT_TAG, "format_version": FORMAT_VERSION, "id": cid, "name": name,
+            "created": time.time(), "ctxc_version": __version__,
+            "model": {"fingerprint": lm.fingerprint, "source": str(lm.source), "path": str(lm.path),
+                      "name_or_path": getattr(lm.model.config, "_name_or_path", None),
+                      "architecture": (getattr(lm.model.config, "architectures", None) or [None])[0],
+                      "dtype": dtype_name(lm.dtype), "device": str(lm.device)},
+            "tokenizer": {"fingerprint": lm.tokenizer.fingerprint},
+            "document": {"path": str(Path(source).resolve()) if source else None, "sha256": doc_sha,
+                         "chars": len(text), "bytes": len(text.encode("utf-8"))},
+            "prompt": {"style": style, "prefix": before, "prefix_tokens": n_prefix,
+                       "question_lead": engine.QUESTION_LEAD, "suffix": after},
+            "tokens": n, "doc_tokens": n - n_prefix, "kept_tokens": kept,
+            "layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim, "kv_dtype": dtype_name(lm.dtype),
+            "evict": None if settings.evict == "none" else {
+                "method": "snapkv", "ratio": settings.ratio, "window": min(settings.window, n),
+                "kernel": settings.kernel, "pooling": "avg", "protected_prefix_tokens": n_prefix},
+            "quant": quant_info, "settings": settings.key(), "settings_label": settings.label(),
+            "bytes": {"tensors": tensor_bytes, "file": len(data), "per_token": round(len(data) / n, 1),
+                      "fp16_per_token": 2 * n_layers * kv_heads * head_dim * 2},
+            "files": {TENSORS: {"bytes": len(data), "sha256": sha256_bytes(data)}},
+            "tensors": tensor_info,
+            "build": {"seconds": None, "prefill_seconds": round(prefill_s, 3), "chunk_size": chunk_size},
+        }
+        tmp = store._tmp_dir()
+        try:
+            (tmp / TENSORS).write_bytes(data)
+            manifest["build"]["seconds"] = round(time.perf_counter() - t0, 3)
+            # The manifest goes last: a directory without one is never taken for a cartridge.
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            for f in (TENSORS, MANIFEST):
+                with open(tmp / f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            store.commit(tmp, cid)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        store.touch(cid)
+    if name:
+        store.set_name(cid, name)
+    return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), False, time.perf_counter() - t0)
+
+
+def check_compatible(m: dict, lm, cid: str) -> None:
+    """A cartridge from another model or tokenizer (or a mismatching shape) is refused before anything is loaded."""
+    short = cid[:12]
+    if m["model"].get("fingerprint") != lm.fingerprint:
+        raise CacheError(
+            f"cartridge {short} was built with another model ({m['model'].get('source')}, fingerprint "
+            f"{str(m['model'].get('fingerprint'))[:12]}), not the loaded {lm.source} ({lm.fingerprint[:12]})",
+            f"ask with --model {m['model'].get('source')}, or rebuild it with `ctxc cache build`")
+    if m["tokenizer"].get("fingerprint") != lm.tokenizer.fingerprint:
+        raise CacheError(f"cartridge {short} was built with another tokenizer ({m['tokenizer'].get('fingerprint')})",
+                         "rebuild it with `ctxc cache build` for this model")
+    if (m.get("layers"), m.get("kv_heads"), m.get("head_dim")) != _kv_shape(lm):
+        raise CacheError(f"cartridge {short} has a KV shape that does not fit the loaded model",
+                         "rebuild it with `ctxc cache build`")
+    if not isinstance(m.get("tokens"), int) or not isinstance(m.get("kept_tokens"), int) or \
+            not 0 < m["kept_tokens"] <= m["tokens"]:
+        raise CacheError(f"cartridge {short}: bad token counts in the manifest (damaged)",
+                         f"remove it with `ctxc cache rm {short}` and build it again")
+
+
+def load(ref: str, *, lm=None, store: CartridgeStore | None = None) -> LoadedCartridge:
+    """Read, check (format, model, tokenizer, sizes, sha256) and rebuild a cartridge's cache. Nothing half-loaded
+    ever comes back: every check runs before the cache is built."""
+    t0 = time.perf_counter()
+    store = store or CartridgeStore()
+    lm = _model(lm)
+    cid = store.resolve(ref)
+    m = read_manifest(store.path(cid), cid)
+    check_compatible(m, lm, cid)
+    tensors = read_tensor_file(store.path(cid), m, cid)
+    for i in range(m["layers"]):
+        names = [f"layers.{i}.k", f"layers.{i}.v"] if m["quant"]["method"] == "none" else \
+            [f"layers.{i}.{kv}.{part}" for kv in "kv" for part in ("codes", "scale", "zero")]
+        if any(n not in tensors for n in names):
+            raise CacheError(f"cartridge {cid[:12]}: layer {i} is missing from {TENSORS} (damaged)",
+                             f"remove it with `ctxc cache rm {cid[:12]}` and build it again")
+    cache = engine.from_tensors(lm, tensors, m)
+    store.touch(cid)
+    return LoadedCartridge(cid, m, cache, m["tokens"], m["kept_tokens"], time.perf_counter() - t0)
+
+
+class _Streamer:
+    """Turn token ids into text pieces; holds back a piece that ends in a partial UTF-8 character."""
+
+    def __init__(self, tokenizer, sink: Callable[[str], None] | None):
+        self.tok, self.sink, self.ids, self.sent = tokenizer, sink, [], 0
+
+    def push(self, tid: int) -> None:
+        self.ids.append(tid)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        if self.sink and len(text) > self.sent:
+            self.sink(text[self.sent:])
+        self.sent = len(text)
+
+    def text(self) -> str:
+        text = self.tok.decode(self.ids)
+        if self.sink and len(text) > self.sent:
+            self.sink(text[self.sent:])
+        self.sent = len(text)
+        return text
+
+
+def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store: CartridgeStore | None = None,
+        on_text: Callable[[str], None] | None = None, prefill: bool = False, encoding: str | None = None,
+        chunk_size: int = engine.DEFAULT_CHUNK) -> AskResult:
+    """Answer `question` about a cartridge (id, unique id prefix or name) or, failing that, a text file (prefilled
+    first: the baseline). `prefill=True` always treats `target` as a file. Streams text pieces to `on_text`.
+
+    `stats` holds load_s (model load), ttft_s (from the end of model loading to the first new token),
+    prefill_tokens (tokens run through the model before the first token), new_tokens and tokens_per_s (decode rate
+    after the first token), plus source, cache_tokens and the cartridge id where one was used."""
+    from ..textio import read_text
+
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {max_new_tokens} is not positive", "use e.g. --max-new-tokens 128")
+    store = store or CartridgeStore()
+    cid = None if prefill else store.find(target)
+    text = None
+    if cid is None:
+        p = Path(target)
+        if not p.exists():
+            raise InputError(f"{target!r} is neither a cartridge nor a file",
+                             "list cartridges with `ctxc cache ls`, or pass a text file")
+        text = read_text(p, encoding)
+    t_load = time.perf_counter()
+    lm = _model(lm)
+    load_s = time.perf_counter() - t_load  # ~0 when this process already holds the model
+    q_ids = engine.question_ids(lm, question)
+    gen = engine.Generation(t0=time.perf_counter())
+    stats: dict = {}
+    if cid is not None:
+        c = load(cid, lm=lm, store=store)
+        cache, position, cache_tokens = c.cache, c.position, c.kept
+        stats.update(source="cartridge", cartridge=cid, load_cartridge_s=round(c.seconds, 4))
+        gen.prefill_tokens = len(q_ids)
+    else:
+        ids, _ = engine.document_ids(lm, text)
+        cache, _, _ = engine.prefill(lm, ids, chunk_size=chunk_size)
+        position = cache_tokens = len(ids)
+        stats.update(source="prefill", path=str(target))
+        gen.prefill_tokens = len(ids) + len(q_ids)
+    room = lm.max_context - position - len(q_ids)
+    if room < 1:
+        raise InputError(f"the document and question take {position + len(q_ids):,} tokens, the model's context is "
+                         f"{lm.max_context:,}", "ask a shorter question or use a shorter document")
+    streamer = _Streamer(lm.tokenizer, on_text)
+    for tid in engine.greedy(lm, cache, q_ids, position, min(max_new_tokens, room), gen):
+        streamer.push(tid)
+    answer = streamer.text()
+    n_new = len(gen.new_ids)
+    decode_s = (gen.end or 0) - (gen.ttft or 0)
+    stats = {"load_s": round(load_s, 4), "ttft_s": round(gen.ttft or 0.0, 4), "prefill_tokens": gen.prefill_tokens,
+             "new_tokens": n_new, "tokens_per_s": round((n_new - 1) / decode_s, 2) if n_new > 1 and decode_s > 0
+             else 0.0, "cache_tokens": cache_tokens, **stats}
+    return AskResult(answer, stats, list(gen.new_ids))
