@@ -79,6 +79,15 @@ class RetrieveCompressor(Compressor):
             return cand[order], sims[order]
 
         hits = search_chunks(query, self.mode, max(100, self.k or 0), bm25, dense)
+        if self.k is None and len(hits) < len(chunks):
+            # Few chunks share a word with the query: fill the rest of the budget with the hits' surroundings
+            # (nearest first) rather than returning a fraction of what was asked for.
+            hit_ids = np.array([i for i, _ in hits], dtype=np.int64)
+            rest = np.setdiff1d(np.arange(len(chunks)), hit_ids)
+            if len(hit_ids):
+                dist = np.abs(rest[:, None] - hit_ids[None, :]).min(1)
+                rest = rest[np.argsort(dist, kind="stable")]
+            hits = list(hits) + [(int(i), 0.0) for i in rest]
         packed = pack([(chunks[i], s) for i, s in hits], budget, tokenizer, k=self.k, cite=self.cite, doc=text)
         kept = [(g.start, g.end) for g in packed.groups]
         info = {"chunks": len(chunks), "embedded_chunks": embedded, "kept_spans": len(kept), "mode": self.mode}

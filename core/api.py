@@ -108,8 +108,9 @@ def _coarse_stage(text: str, n_in: int, limit: int, tok: Tokenizer, query: str |
         from .errors import MethodError
 
         raise MethodError(f"bad coarse threshold {raw!r}", "give a number of tokens, or 0 to turn it off") from None
+    # truncate is positional by definition, and retrieve is this stage already.
     first = method.split("+")[0].split("@")[0].strip()
-    if not query or not query.strip() or threshold <= 0 or n_in <= threshold or first == "retrieve":
+    if not query or not query.strip() or threshold <= 0 or n_in <= threshold or first in ("retrieve", "truncate"):
         return None
     coarse_budget = max(2 * limit, min(4 * limit, threshold))
     if coarse_budget >= n_in:

@@ -179,8 +179,8 @@ def write_cache_meta(d: Path, source: Path, digest: str) -> None:
     for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*/*.safetensors")):
         if not f.relative_to(d).parts[0].startswith("."):
             st = f.stat()
-            files[f.relative_to(d).as_posix()] = {"size": st.st_size, "sha256": _sha256_file(f), "sample_sha256": _sample_sha256(f),
-                             "mtime_ns": st.st_mtime_ns}
+            files[f.relative_to(d).as_posix()] = {"size": st.st_size, "sha256": _sha256_file(f),
+                                                  "sample_sha256": _sample_sha256(f), "mtime_ns": st.st_mtime_ns}
     meta = {"format": CACHE_FORMAT, "source": str(source), "source_sha256": digest, "files": files,
             "created": time.time()}
     (d / "ctxc-model.json").write_text(json.dumps(meta, indent=2))
