@@ -1,0 +1,547 @@
+"""What compression keeps, measured on the user's own documents.
+
+With questions: for every method and budget each document is compressed (with the question as the query, unless
+`query_aware=False`), and for each question we record whether an answer string survived and the local LM's mean
+NLL of the answer given compressed context + question, next to the NLL given the full context. Without questions:
+coverage, the share of the document's numbers, named entities and content words that survive.
+`write_report()` turns the result into report.md, results.json and PNG plots (retention and NLL vs budget).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .budget import Budget
+from .errors import InputError
+from .paths import atomic_write_bytes, atomic_write_text
+from .retrievers.bm25 import tokenize_words
+
+
+@dataclass
+class Question:
+    question: str
+    answers: list[str]
+    id: str = ""
+    doc: str | None = None  # which document (file name) it is about; None: every document
+    context: str | None = None  # its own context, when the questions file carries one
+
+
+@dataclass
+class QARow:
+    method: str
+    budget: str
+    doc: str
+    qid: str
+    question: str
+    answer: str
+    in_full: bool  # an answer string occurs in the full document
+    kept: bool  # ... and in the compressed one
+    nll: float | None
+    nll_full: float | None
+    input_tokens: int
+    output_tokens: int
+    seconds: float
+    nll_truncated: bool = False
+
+
+@dataclass
+class CoverageRow:
+    method: str
+    budget: str
+    doc: str
+    numbers: float | None
+    entities: float | None
+    words: float
+    input_tokens: int
+    output_tokens: int
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    methods: list[str]
+    budgets: list[str]
+    tokenizer: str
+    mode: str  # "qa" or "coverage"
+    rows: list = field(default_factory=list)
+    model: str | None = None
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> list[dict]:
+        """One row per (method, budget), in the order asked for."""
+        out = []
+        for m in self.methods:
+            for b in self.budgets:
+                rs = [r for r in self.rows if r.method == m and r.budget == b]
+                if not rs:
+                    continue
+                d = {"method": m, "budget": b, "n": len(rs),
+                     "ratio": _mean([r.input_tokens / max(1, r.output_tokens) for r in rs]),
+                     "output_tokens": _mean([r.output_tokens for r in rs]),
+                     "seconds": _mean([r.seconds for r in rs])}
+                if self.mode == "qa":
+                    ans = [r for r in rs if r.in_full]
+                    d["answerable"] = len(ans)
+                    d["retention"] = _mean([float(r.kept) for r in ans])
+                    d["nll"] = _mean([r.nll for r in rs if r.nll is not None])
+                    d["nll_full"] = _mean([r.nll_full for r in rs if r.nll_full is not None])
+                    both = d["nll"] is not None and d["nll_full"] is not None
+                    d["nll_delta"] = (d["nll"] - d["nll_full"]) if both else None
+                else:
+                    for k in ("numbers", "entities", "words"):
+                        d[k] = _mean([getattr(r, k) for r in rs if getattr(r, k) is not None])
+                out.append(d)
+        return out
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "methods": self.methods, "budgets": self.budgets, "tokenizer": self.tokenizer,
+                "model": self.model, "settings": self.settings, "summary": self.summary(),
+                "rows": [asdict(r) for r in self.rows]}
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+    """JSONL, one object per line: `question`, `answers` (list) or `answer` (string); optional `id`, `doc` (file
+    name the question is about), `context` or `contexts` (its own context, used when no document path is given)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file", "pass --questions FILE.jsonl")
+    if p.is_dir():
+        raise InputError(f"{p} is a directory", "pass --questions FILE.jsonl")
+    from .textio import read_text
+
+    out: list[Question] = []
+    for n, line in enumerate(read_text(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as err:
+            raise InputError(f"{p} line {n} is not valid JSON ({err.msg})", "one JSON object per line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            raise InputError(f"{p} line {n} has no \"question\" string", 'e.g. {"question": "...", "answers": ["..."]}')
+        answers = obj.get("answers", obj.get("answer"))
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not [a for a in answers if isinstance(a, str) and a.strip()]:
+            raise InputError(f"{p} line {n} has no \"answers\" (a list of strings) or \"answer\"",
+                             'e.g. {"question": "...", "answers": ["..."]}')
+        ctx = obj.get("context")
+        if ctx is None and isinstance(obj.get("contexts"), list):
+            ctx = "\n\n".join(str(c) for c in obj["contexts"])
+        out.append(Question(obj["question"].strip(), [a for a in answers if isinstance(a, str) and a.strip()],
+                            str(obj.get("id", n)), obj.get("doc"), ctx if isinstance(ctx, str) else None))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise InputError(f"{p} has no questions", 'one JSON object per line: {"question": "...", "answers": ["..."]}')
+    return out
+
+
+def load_documents(path: str | Path, encoding: str | None = None) -> list[tuple[str, str]]:
+    """(name, text) for a file, or for every text file under a directory (binary files are skipped)."""
+    from .textio import read_text
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory", "check the path")
+    if p.is_file():
+        return [(p.name, read_text(p, encoding))]
+    docs = []
+    hidden = lambda x: any(s.startswith(".") for s in x.relative_to(p).parts)  # noqa: E731
+    for f in sorted(x for x in p.rglob("*") if x.is_file() and not hidden(x)):
+        try:
+            docs.append((str(f.relative_to(p)), read_text(f, encoding)))
+        except InputError:
+            continue
+    if not docs:
+        raise InputError(f"{p} holds no text files", "pass a text file or a directory of text files")
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(re.sub(r"[^\w%$.,'-]+", " ", s.lower()).split())
+
+
+def answer_found(answers: list[str], text: str) -> bool:
+    """An answer string occurs in `text` (case, punctuation and spacing ignored).
+
+    >>> answer_found(["May 18, 2018"], "released on may 18,  2018.")
+    True
+    """
+    t = f" {_norm_text(text)} "
+    for a in answers:
+        a = _norm_text(a).strip(" .,")
+        if a and re.search(rf"(?<!\w){re.escape(a)}(?!\w)", t):
+            return True
+    return False
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,:/]\d+)*%?")
+_ENTITY = re.compile(r"\b[A-Z][\w'’&-]*(?:\s+(?:of|de|la|the|and|for|von|van|&)?\s*[A-Z][\w'’&-]*)*")
+_COMMON = frozenset("""The A An In On At Of And But Or For To From By With As It Its This That These Those He She They
+We I You If When While After Before Then There Here What Which Who Why How Some All No Not Each Every Any One Two Mr Mrs
+Ms Dr So Yet Also However Thus""".split())
+
+
+def numbers_in(text: str) -> set[str]:
+    return {m.group(0).rstrip(".,") for m in _NUMBER.finditer(text)}
+
+
+def entities_in(text: str) -> set[str]:
+    """Capitalised names (single words that only ever appear at sentence starts are not counted).
+
+    >>> sorted(entities_in("The Federal Emergency Management Agency met in Denver. Then it left."))
+    ['Denver', 'Federal Emergency Management Agency']
+    """
+    out = set()
+    for m in _ENTITY.finditer(text):
+        e = m.group(0).strip()
+        words = e.split()
+        while len(words) > 1 and words[0] in _COMMON:  # "The Federal ..." -> "Federal ..."
+            words = words[1:]
+        e = " ".join(words)
+        if " " not in e:
+            if e in _COMMON or len(e) < 2:
+                continue
+            before = text[max(0, m.start() - 3) : m.start()]
+            if not before.strip() or re.search(r"[.!?:\"“]\s*$", before):
+                continue  # sentence-initial single word: capitalised by position, not a name
+        out.add(e)
+    return out
+
+
+def coverage(original: str, compressed: str) -> dict:
+    """Share of the original's numbers, named entities and content words that are still in `compressed`."""
+    nums, ents = numbers_in(original), entities_in(original)
+    c_nums = numbers_in(compressed)
+    low = compressed.lower()
+    words = set(tokenize_words(original))
+    c_words = set(tokenize_words(compressed))
+    return {
+        "numbers": (len(nums & c_nums) / len(nums)) if nums else None,
+        "entities": (sum(1 for e in ents if e.lower() in low) / len(ents)) if ents else None,
+        "words": len(words & c_words) / max(1, len(words)),
+    }
+
+
+class AnswerScorer:
+    """Mean NLL (nats/token) of an answer given a context and a question, under the local instruct LM (chat
+    template). Contexts longer than `max_tokens` model tokens keep their head, and the row says so."""
+
+    def __init__(self, model: str | None = None, max_tokens: int = 2048):
+        from .model import load_model
+
+        self.lm = load_model(model)
+        self.max_tokens = min(max_tokens, self.lm.max_context - 64)
+
+    def _prompt(self, context: str, question: str) -> str:
+        msgs = [{"role": "user", "content": f"{context}\n\nAnswer the question briefly.\nQuestion: {question}"}]
+        return self.lm.tokenizer.hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def nll(self, context: str, question: str, answer: str) -> tuple[float, bool]:
+        import torch
+
+        tok = self.lm.tokenizer
+        a_ids = tok.encode(answer.strip())[:64]
+        fixed = len(tok.encode(self._prompt("", question))) + len(a_ids)
+        room = max(16, self.max_tokens - fixed)
+        truncated = False
+        if tok.count(context) > room:
+            context, truncated = tok.truncate(context, room), True
+        p_ids = tok.encode(self._prompt(context, question))
+        ids = torch.tensor([p_ids + a_ids], device=self.lm.device)
+        from .compressors.abstractive import lm_threads
+
+        with torch.inference_mode(), lm_threads():
+            # Only the answer's logits are projected onto the vocabulary.
+            logits = self.lm.model(input_ids=ids, logits_to_keep=len(a_ids) + 1).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, -len(a_ids):].unsqueeze(-1)).squeeze(-1)
+        return float(-lp.mean()), truncated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def _items(docs: list[tuple[str, str]] | None,
+           questions: list[Question] | None) -> list[tuple[str, str, list[Question]]]:
+    """(doc name, text, its questions) triples."""
+    if questions is None:
+        return [(n, t, []) for n, t in (docs or [])]
+    if not docs:
+        out = []
+        for q in questions:
+            if not q.context:
+                raise InputError(f"question {q.id!r} has no context and no document was given",
+                                 "pass a document PATH, or give each question a \"context\"")
+            out.append((f"q{q.id}", q.context, [q]))
+        return out
+    names = {n for n, _ in docs} | {Path(n).name for n, _ in docs}
+    for q in questions:
+        if q.doc and q.doc not in names:
+            raise InputError(f"question {q.id!r} is about {q.doc!r}, which is not among the documents",
+                             "its \"doc\" must be a file name under PATH")
+    return [(n, t, [q for q in questions if not q.doc or q.doc in (n, Path(n).name)]) for n, t in docs]
+
+
+def run_eval(
+    docs: list[tuple[str, str]] | None,
+    questions: list[Question] | None,
+    methods: list[str],
+    budgets: list[str],
+    tokenizer: str | None = None,
+    nll: bool = True,
+    query_aware: bool = True,
+    model: str | None = None,
+    nll_max_tokens: int = 2048,
+    progress: bool = True,
+    **options,
+) -> EvalResult:
+    """Compress every document with every method at every budget and measure what survived (see module doc)."""
+    from .api import compress
+    from .compressors.registry import get_compressor
+    from .tokenizers import get_tokenizer
+
+    if not methods:
+        raise InputError("no methods to evaluate", "pass e.g. --methods extractive,truncate")
+    if not budgets:
+        raise InputError("no budgets to evaluate", "pass e.g. --budgets 4x,10x,2k")
+    for m in methods:
+        get_compressor(m)  # unknown methods fail before any work is done
+    for b in budgets:
+        Budget.parse(b)
+    tok = get_tokenizer(tokenizer)
+    items = _items(docs, questions)
+    mode = "qa" if questions is not None else "coverage"
+    scorer = AnswerScorer(model, nll_max_tokens) if (nll and mode == "qa") else None
+    res = EvalResult(list(methods), list(budgets), tok.name, mode,
+                     model=str(scorer.lm.source) if scorer else None,
+                     settings={"query_aware": query_aware, "nll": bool(scorer), "nll_max_tokens": nll_max_tokens})
+    per_doc = [max(1, len(qs)) if (mode == "qa" and query_aware) else 1 for _, _, qs in items]
+    jobs = sum(per_doc) * len(methods) * len(budgets)
+    bar = _bar(jobs, progress)
+    full_nll: dict[tuple[str, str], tuple[float, bool]] = {}
+    try:
+        for name, text, qs in items:
+            n_in = tok.count(text)
+            if mode == "qa" and not qs:
+                continue
+            for m in methods:
+                for b in budgets:
+                    if mode == "coverage":
+                        r = compress(text, b, method=m, tokenizer=tok, **options)
+                        cov = coverage(text, r.text)
+                        res.rows.append(CoverageRow(m, b, name, cov["numbers"], cov["entities"], cov["words"],
+                                                    n_in, r.output_tokens, r.seconds))
+                        _advance(bar, f"{m} @ {b}: {name}")
+                        continue
+                    shared = None if query_aware else compress(text, b, method=m, tokenizer=tok, **options)
+                    for q in qs:
+                        r = shared or compress(text, b, query=q.question, method=m, tokenizer=tok, **options)
+                        answer = q.answers[0]
+                        row = QARow(m, b, name, q.id, q.question, answer, answer_found(q.answers, text),
+                                    answer_found(q.answers, r.text), None, None, n_in, r.output_tokens, r.seconds)
+                        if scorer:
+                            key = (name, q.id)
+                            if key not in full_nll:
+                                full_nll[key] = scorer.nll(text, q.question, answer)
+                            row.nll_full, row.nll_truncated = full_nll[key]
+                            row.nll, _ = scorer.nll(r.text, q.question, answer)
+                        res.rows.append(row)
+                        if query_aware:
+                            _advance(bar, f"{m} @ {b}: {name}")
+                    if not query_aware:
+                        _advance(bar, f"{m} @ {b}: {name}")
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    return res
+
+
+def _bar(total: int, enabled: bool):
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 console=Console(stderr=True), transient=True)
+    task = p.add_task("eval", total=total)
+    p.start()
+    return p, task
+
+
+def _advance(bar, desc: str) -> None:
+    if bar is not None:
+        bar[0].update(bar[1], advance=1, description=desc[:60])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(v, pct: bool = False, nd: int = 2) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.0f}%" if pct else f"{v:.{nd}f}"
+
+
+def summary_rows(res: EvalResult) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the summary table (shared by the terminal and report.md)."""
+    if res.mode == "qa":
+        head = ["method", "budget", "ratio", "tokens", "answer kept", "NLL", "NLL full", "ΔNLL", "s/doc"]
+        rows = [[d["method"], d["budget"], f"{d['ratio']:.1f}x", f"{d['output_tokens']:.0f}",
+                 f"{_fmt(d['retention'], True)} ({d['answerable']})", _fmt(d["nll"]), _fmt(d["nll_full"]),
+                 ("+" if (d["nll_delta"] or 0) >= 0 else "") + _fmt(d["nll_delta"]), f"{d['seconds']:.2f}"]
+                for d in res.summary()]
+    else:
+        head = ["method", "budget", "ratio", "tokens", "numbers", "entities", "words", "s/doc"]
+        rows = [[d["method"], d["budget"], f"{d['ratio']:.1f}x", f"{d['output_tokens']:.0f}", _fmt(d["numbers"], True),
+                 _fmt(d["entities"], True), _fmt(d["words"], True), f"{d['seconds']:.2f}"] for d in res.summary()]
+    return head, rows
+
+
+def plot(res: EvalResult, out_dir: Path) -> list[Path]:
+    """PNG plots, one line per method over the budgets (in the order given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = res.summary()
+    xs = list(range(len(res.budgets)))
+    if res.mode == "qa":
+        panels = [("retention", "answer kept", True, "retention.png"),
+                  ("nll", "answer NLL (nats/token)", False, "nll.png")]
+    else:
+        panels = [("numbers", "numbers kept", True, "coverage_numbers.png"),
+                  ("entities", "named entities kept", True, "coverage_entities.png"),
+                  ("words", "content words kept", True, "coverage_words.png")]
+    files = []
+    for key, label, pct, fname in panels:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        drew = False
+        for m in res.methods:
+            ys = []
+            for b in res.budgets:
+                d = next((s for s in summ if s["method"] == m and s["budget"] == b), None)
+                v = d.get(key) if d else None
+                ys.append(float("nan") if v is None else (100 * v if pct else v))
+            if any(not math.isnan(y) for y in ys):
+                ax.plot(xs, ys, marker="o", label=m)
+                drew = True
+        if key == "nll":
+            full = _mean([s.get("nll_full") for s in summ])
+            if full is not None:
+                ax.axhline(full, color="gray", linestyle="--", label="full context")
+        if key == "retention":
+            ax.set_ylim(-3, 103)
+        ax.set_xticks(xs, res.budgets)
+        ax.set_xlabel("budget")
+        ax.set_ylabel(label + (" (%)" if pct else ""))
+        ax.grid(alpha=0.3)
+        if drew:
+            ax.legend()
+        ax.set_title({"retention": "Answer still in the compressed text (answerable questions)",
+                      "nll": "Answer NLL given compressed context + question (lower is better)"}.get(key, label),
+                     fontsize=10)
+        fig.tight_layout()
+        path = out_dir / fname
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+        files.append(path)
+    return files
+
+
+def write_report(res: EvalResult, out_dir: str | Path) -> list[Path]:
+    """report.md + results.json + PNG plots under `out_dir` (created). Returns the files written."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory", "pass -o DIR")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create {out} ({err.strerror})", "pass -o to a writable directory") from None
+    files = []
+    plot_note = ""
+    try:
+        files += plot(res, out)
+    except ImportError:
+        plot_note = "\n> Plots were skipped: matplotlib is not installed (`pip install 'ctxc[eval]'`).\n"
+    head, rows = summary_rows(res)
+    md = ["# ctxc eval report", ""]
+    n_docs = len({r.doc for r in res.rows})
+    md.append(f"{n_docs} document(s), methods {', '.join(res.methods)}, budgets {', '.join(res.budgets)}, "
+              f"tokenizer {res.tokenizer}." + (f" Scoring model: `{Path(res.model).name}`." if res.model else ""))
+    md.append("")
+    md.append("| " + " | ".join(head) + " |")
+    md.append("|" + "|".join("---" for _ in head) + "|")
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md.append("")
+    if res.mode == "qa":
+        md += ["**answer kept**: share of the questions whose answer occurs in the full document that still find it "
+               "(verbatim, case-insensitive) in the compressed one; the count of such questions in brackets. "
+               "Abstractive methods paraphrase, so this undercounts what they keep.",
+               "**NLL**: mean negative log-likelihood per answer token given compressed context + question "
+               "(**NLL full**: given the full document); **ΔNLL** > 0 means the compressed context makes the answer "
+               "less likely.", ""]
+        trunc = sum(1 for r in res.rows if r.nll_truncated)
+        if trunc:
+            md += [f"> {trunc} row(s) had a full context longer than {res.settings.get('nll_max_tokens')} model "
+                   "tokens: NLL full was measured on its head only.", ""]
+        md += ["![answer retention](retention.png)", "", "![answer NLL](nll.png)", ""] if not plot_note else []
+    else:
+        md += ["Coverage without questions: share of the document's distinct numbers, capitalised names and content "
+               "words that are still in the compressed text.", ""]
+        md += [f"![{k}](coverage_{k}.png)" for k in ("numbers", "entities", "words")] if not plot_note else []
+        md.append("")
+    md.append(plot_note)
+    if res.mode == "qa":
+        md += ["## Per question", "", "| method | budget | doc | question | answer | kept | NLL | NLL full |",
+               "|---|---|---|---|---|---|---|---|"]
+        for r in res.rows[:500]:
+            q = r.question.replace("|", "\\|")[:80]
+            a = r.answer.replace("|", "\\|")[:40]
+            md.append(f"| {r.method} | {r.budget} | {r.doc} | {q} | {a} | "
+                      f"{'yes' if r.kept else ('no' if r.in_full else 'n/a')} | {_fmt(r.nll)} | {_fmt(r.nll_full)} |")
+        if len(res.rows) > 500:
+            md.append(f"\n({len(res.rows) - 500} more rows in results.json)")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1, ensure_ascii=False))
+    return [out / "report.md", out / "results.json"] + files
+
+
+def parse_list(spec: str | None, what: str) -> list[str]:
+    items = [s.strip() for s in (spec or "").split(",") if s.strip()]
+    if not items:
+        raise InputError(f"no {what} given", f"pass a comma-separated list, e.g. --{what} " +
+                         ("extractive,truncate" if what == "methods" else "4x,10x,2k"))
+    return items
+
+
+__all__ = ["Question", "QARow", "CoverageRow", "EvalResult", "load_questions", "load_documents", "answer_found",
+           "coverage", "entities_in", "numbers_in", "AnswerScorer", "run_eval", "write_report", "summary_rows",
+           "plot", "parse_list"]
