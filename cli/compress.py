@@ -103,7 +103,8 @@ def compress(
         m = method or config.get("method") or auto_method(stdin_or_path(p))
         res = run(text, budget, query=query, method=m, tokenizer=tokenizer, mark_gaps=mark_gaps, mode=mode,
                   fail_if_over=ceiling is not None, keep=keep or None, keep_structure=keep_structure or None,
-                  layers=layers, coarse_threshold=coarse_threshold)
+                  layers=layers, coarse_threshold=coarse_threshold,
+                  language=Path(p).suffix.lower() or None if p and p != "-" else None)
         if ceiling is not None and res.output_tokens > ceiling.resolve(res.input_tokens):
             raise OverBudgetError(
                 f"{p or 'stdin'}: the best output has {res.output_tokens} tokens, over --fail-if-over "
