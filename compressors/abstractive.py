@@ -7,11 +7,9 @@ again. A final hard check cuts at a sentence end so the output is always within 
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..document import split_units
@@ -23,35 +21,7 @@ _SYSTEM = ("You are a careful editor who shortens documents. Keep names, numbers
 _PREAMBLE = re.compile(r"^\s*(?:sure[,!.]?\s*)?(?:here(?:'s| is| are)[^\n:]*:|(?:the )?summary[^\n:]{0,40}:)\s*", re.I)
 
 
-@contextmanager
-def lm_threads():
-    """torch intra-op threads for small-model calls: one thread when the machine is oversubscribed.
-
-    A 135M model runs many tiny kernels; when other processes hold the cores, threads that wait on each other at
-    every kernel cost far more than they bring (measured on a shared 2-core box at load 8: answer NLLs 11-20x and
-    decoding 6x slower with 2 threads than with 1). `CTXC_THREADS=N` forces N.
-    """
-    import torch
-
-    have = torch.get_num_threads()
-    want = have
-    env = os.environ.get("CTXC_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        want = int(env)
-    else:
-        try:
-            load = os.getloadavg()[0]
-        except (OSError, AttributeError):
-            load = 0.0
-        if load >= 1.5 * (os.cpu_count() or 1):
-            want = 1
-    if want != have:
-        torch.set_num_threads(want)
-    try:
-        yield want
-    finally:
-        if want != have:
-            torch.set_num_threads(have)
+from ..hw import lm_threads  # noqa: E402,F401  (re-exported: code and evaluate import it from here)
 
 
 class _Progress:
