@@ -1,0 +1,224 @@
+"""LM-scored token pruning (`tokens`) side by side with `extractive+tokens`, `extractive` and llmlingua.
+
+  .venv/bin/python bench/bench_tokens.py [--per-file 6] [--max-tokens 6000] [--ratios 4 10] [--layers 8 16]
+                                         [--big 64000] [--threads N] [--llmlingua /tmp/ctxc-peers/venv/bin/python]
+
+Each method runs in its own worker process, so `peak RSS` is that method's alone (ru_maxrss, model included).
+Inputs: QA examples from ../shared/data/qa whose answer occurs verbatim in the context (at most --max-tokens
+cl100k tokens) plus haystack needles at 50% depth, all with the question as --query, at each ratio.
+Columns: answer retention (answer string still in the output), output tokens / budget (mean and max: must be <= 1),
+throughput in input tokens per second of compression (model load excluded), scoring throughput of the LM pass
+(model tokens / seconds in the forward + fused NLL), and peak RSS. `--big N` adds one N-token document (haystack
+essays joined, needle in the middle) compressed 10x by `tokens`: the memory goal is <= 1.5 GB at 64k.
+llmlingua rows come from ../shared/peers/results-*.jsonl (reference runs on the same model and CPU, one 3.8k and one
+7.7k-token document) unless --llmlingua points at the peers venv's python, which re-runs it here on the QA inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _data import SHARED, answer_in, haystack, haystack_names, qa_examples  # noqa: E402
+
+NEEDLES = [
+    ("The access code for the Halvorsen observatory vault is 7319-KESTREL.",
+     "What is the access code for the Halvorsen observatory vault?", ["7319-KESTREL"]),
+    ("Captain Imogen Vale named her first sailboat the Quiet Heron.",
+     "What did Captain Imogen Vale name her first sailboat?", ["Quiet Heron"]),
+]
+
+
+def method_configs(layers: list[int]) -> dict[str, dict]:
+    cfg = {"tokens": dict(method="tokens"), "tokens (no refine)": dict(method="tokens", refine=False)}
+    for k in layers:
+        cfg[f"tokens --layers {k}"] = dict(method="tokens", layers=k)
+    cfg["extractive+tokens"] = dict(method="extractive+tokens")
+    cfg["extractive"] = dict(method="extractive")
+    return cfg
+
+
+def insert_at_depth(doc: str, needle: str, depth: float) -> str:
+    paras = doc.split("\n\n")
+    k = max(0, min(len(paras), round(depth * len(paras))))
+    return "\n\n".join(paras[:k] + [needle] + paras[k:])
+
+
+def build_inputs(per_file: int, max_tokens: int) -> list[dict]:
+    from ctxc.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("cl100k")
+    out = [ex for ex in qa_examples(per_file=per_file * 4, seed=0) if tok.count(ex["context"]) <= max_tokens]
+    by_set: dict[str, list] = defaultdict(list)
+    for ex in out:
+        if len(by_set[ex["set"]]) < per_file:
+            by_set[ex["set"]].append(ex)
+    rows = [ex for v in by_set.values() for ex in v]
+    for i, name in enumerate([n for n in haystack_names() if n.startswith(("paulgraham", "usgov"))][:2]):
+        doc = tok.truncate(haystack(name), max_tokens - 100)
+        needle, q, ans = NEEDLES[i % len(NEEDLES)]
+        rows.append({"id": f"needle-{name}", "set": "needle", "question": q, "answers": ans,
+                     "context": insert_at_depth(doc, needle, 0.5)})
+    return rows
+
+
+def big_input(n_tokens: int) -> dict:
+    from ctxc.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("cl100k")
+    parts, total = [], 0
+    for name in haystack_names():
+        t = haystack(name)
+        parts.append(t)
+        total += tok.count(t)
+        if total > n_tokens:
+            break
+    doc = tok.truncate("\n\n".join(parts), n_tokens - 40)
+    needle, q, ans = NEEDLES[0]
+    return {"id": f"big-{n_tokens}", "set": "big", "question": q, "answers": ans,
+            "context": insert_at_depth(doc, needle, 0.5)}
+
+
+# ----------------------------------------------------------------------------------------------------- worker
+def worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    import ctxc
+    from ctxc.model import load_model
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    opts = spec["opts"]
+    if "tokens" in opts["method"]:
+        t0 = time.perf_counter()
+        load_model()
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])  # load_model sets the thread count too
+        load_s = time.perf_counter() - t0
+    else:
+        load_s = 0.0
+    # Warm up the method's lazy imports / embedder on a small text so the first example isn't charged for them.
+    ctxc.compress("Warm up sentence one. Another one here. " * 40, 20, query="warm up", **opts)
+    for ex in spec["examples"]:
+        for r in spec["ratios"]:
+            t0 = time.perf_counter()
+            res = ctxc.compress(ex["context"], f"x{r}", query=ex["question"], **opts)
+            dt = time.perf_counter() - t0
+            info = res.info or {}
+            print(json.dumps({"id": ex["id"], "set": ex["set"], "ratio": r, "kept": answer_in(res.text, ex["answers"]),
+                              "out": res.output_tokens, "budget": res.budget, "inp": res.input_tokens, "sec": dt,
+                              "model_tokens": info.get("model_tokens"), "score_sec": info.get("score_seconds"),
+                              "scored_tokens": info.get("scored_tokens")}), flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"done": True, "peak_rss_mb": rss, "load_s": load_s}), flush=True)
+
+
+def run_worker(name: str, opts: dict, examples: list[dict], ratios: list[int], threads: int | None) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump({"opts": opts, "examples": examples, "ratios": ratios, "threads": threads}, fh)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", fh.name], capture_output=True, text=True)
+    finally:
+        os.unlink(fh.name)
+    rows, tail = [], {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            (tail.update(d) if d.get("done") else rows.append(d))
+    if proc.returncode != 0:
+        print(f"[{name}] worker failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return {"name": name, "rows": rows, **tail}
+
+
+# ------------------------------------------------------------------------------------------------ llmlingua
+def llmlingua_reference() -> list[dict]:
+    out = []
+    for f in sorted((SHARED.parent / "peers").glob("results-*.jsonl")):
+        for line in f.read_text().splitlines():
+            d = json.loads(line)
+            if d.get("peer") == "llmlingua":
+                out.append({"name": f"{d['method']} (ref, {d['input_tokens']} tok doc)", "keep": d["keep"],
+                            "tps": d["input_tokens"] / d["seconds"], "rss": d["peak_rss_mb"],
+                            "out_over_target": d["output_tokens"] / (d["keep"] * d["input_tokens"])})
+    return out
+
+
+def fmt_table(results: list[dict], ratios: list[int]) -> str:
+    lines = ["| method | ratio | n | answer kept | out/budget mean (max) | input tok/s | LM scoring tok/s "
+             "| peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in ratios:
+            rows = [x for x in res["rows"] if x["ratio"] == r and x["set"] != "big"]
+            if not rows:
+                continue
+            kept = sum(x["kept"] for x in rows) / len(rows)
+            ob = [x["out"] / x["budget"] for x in rows]
+            tps = sum(x["inp"] for x in rows) / sum(x["sec"] for x in rows)
+            sc = [x for x in rows if x.get("score_sec")]
+            stps = f"{sum(x['model_tokens'] for x in sc) / sum(x['score_sec'] for x in sc):,.0f}" if sc else "-"
+            lines.append(f"| {res['name']} | {r}x | {len(rows)} | {kept:.0%} | {sum(ob) / len(ob):.3f} ({max(ob):.3f}) "
+                         f"| {tps:,.0f} | {stps} | {res.get('peak_rss_mb', float('nan')):,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker")
+    ap.add_argument("--per-file", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=6000)
+    ap.add_argument("--ratios", type=int, nargs="+", default=[4, 10])
+    ap.add_argument("--layers", type=int, nargs="*", default=[8, 16])
+    ap.add_argument("--methods", nargs="*", help="subset of method names to run")
+    ap.add_argument("--big", type=int, default=0, help="also compress one N-token document 10x with tokens")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores)")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker)
+
+    examples = build_inputs(args.per_file, args.max_tokens)
+    print(f"{len(examples)} inputs ({sum(e['set'] == 'needle' for e in examples)} needles), ratios {args.ratios}, "
+          f"threads {args.threads or os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    results = []
+    for name, opts in method_configs(args.layers).items():
+        if args.methods and name not in args.methods:
+            continue
+        t0 = time.perf_counter()
+        results.append(run_worker(name, opts, examples, args.ratios, args.threads))
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(fmt_table(results, args.ratios))
+    ref = llmlingua_reference()
+    if ref:
+        print("\nllmlingua 0.2.2 reference runs (../shared/peers/results-*.jsonl: SmolLM2-135M fp32, 2 CPUs, "
+              "keep 0.25 = 4x, question 'What does MAELRE stand for?'):\n")
+        print("| peer | output / target | input tok/s | peak RSS MB |\n|---|---|---|---|")
+        for r in ref:
+            print(f"| {r['name']} | {r['out_over_target']:.2f} | {r['tps']:,.0f} | {r['rss']:,.0f} |")
+    if args.big:
+        big = big_input(args.big)
+        # coarse_threshold=0: api.compress would otherwise cut a >32k input by retrieval first, and the point here
+        # is the LM pass over every token (memory and scoring rate at full length).
+        res = run_worker("tokens", {"method": "tokens", "coarse_threshold": 0}, [big], [10], args.threads)
+        for x in res["rows"]:
+            scoring = (f" (LM scoring {x['model_tokens'] / x['score_sec']:,.0f} tok/s)" if x.get("score_sec") else "")
+            print(f"\nbig input: {x['inp']:,} tokens -> {x['out']:,} (budget {x['budget']:,}) in {x['sec']:.1f} s "
+                  f"= {x['inp'] / x['sec']:,.0f} tok/s{scoring}, needle kept: {x['kept']}, "
+                  f"peak RSS {res.get('peak_rss_mb', float('nan')):,.0f} MB")
+            print(json.dumps(x))
+
+
+if __name__ == "__main__":
+    main()

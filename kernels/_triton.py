@@ -1,0 +1,76 @@
+"""Shared backend choice for the kernels: is Triton importable, and should this call use it?
+
+Every `kernels/<op>.py` has `<op>_torch` (CPU path and test oracle) and `<op>_triton`; its dispatcher asks
+`use_triton(device)`. `CTXC_KERNELS=torch|triton|auto` forces the choice (like Liger's `LIGER_KERNEL_IMPL`):
+
+- `auto` (default): Triton on CUDA tensors when Triton imports, torch otherwise;
+- `torch`: always the torch path;
+- `triton`: always Triton (on the CPU this only works under `TRITON_INTERPRET=1`, which is how tests run it).
+
+A missing or broken Triton never breaks `import ctxc`: the check is a lazy, cached import.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from ..errors import CtxcError
+
+_CHOICES = ("auto", "torch", "triton")
+
+
+@lru_cache(maxsize=1)
+def is_triton_available() -> bool:
+    """True when `import triton` and `triton.language` succeed (cached: the import costs ~1 s)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a half-installed triton raising at import time
+        return False
+    return True
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels run in the CPU interpreter (`TRITON_INTERPRET=1`): slow, used for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+
+
+def kernel_backend() -> str:
+    """The forced backend from `CTXC_KERNELS` (`auto` when unset); a bad value is a clear error."""
+    value = (os.environ.get("CTXC_KERNELS") or "auto").strip().lower()
+    if value not in _CHOICES:
+        raise CtxcError(f"CTXC_KERNELS={value!r} is not a kernel backend", "set CTXC_KERNELS to torch, triton or auto")
+    return value
+
+
+def _device_type(device) -> str:
+    if device is None:
+        return "cpu"
+    if isinstance(device, str):
+        return device.split(":", 1)[0]
+    return getattr(device, "type", str(device))
+
+
+def use_triton(device=None) -> bool:
+    """Should a kernel on `device` (str, torch.device or None) take the Triton path?
+
+    >>> use_triton("cpu")   # with CTXC_KERNELS unset
+    False
+    """
+    backend = kernel_backend()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not is_triton_available():
+            raise CtxcError("CTXC_KERNELS=triton but triton cannot be imported",
+                            "install triton (the `gpu` extra) or set CTXC_KERNELS=auto")
+        return True
+    # auto: never the interpreter on its own (it is ~1000x slower than torch), only real GPUs
+    return _device_type(device) == "cuda" and is_triton_available()
+
+
+def triton_device_ok(device) -> bool:
+    """Can a Triton kernel actually run on tensors of `device`? CUDA always; CPU only under the interpreter."""
+    kind = _device_type(device)
+    return kind == "cuda" or (kind == "cpu" and is_interpreter())
