@@ -19,6 +19,12 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
+def torch_threads() -> int:
+    """Threads for torch: `CTXC_THREADS`, else every core."""
+    env = os.environ.get("CTXC_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else max(1, os.cpu_count() or 1)
+
+
 def default_device(requested: str | None = None) -> str:
     """`auto` (default) picks CUDA when a GPU is present; `CTXC_DEVICE` overrides."""
     requested = (requested or os.environ.get("CTXC_DEVICE") or "auto").lower()
@@ -67,7 +73,7 @@ def lm_threads():
 
     A 135M model runs many tiny kernels; when other processes hold the cores, threads that wait on each other at
     every kernel cost far more than they bring (measured on a shared 2-core box at load 8: answer NLLs 11-20x and
-    decoding 6x slower with 2 threads than with 1). `CTXC_THREADS=N` forces N.
+    decoding 6x slower with 2 threads than with 1). `CTXC_THREADS=N` forces N (see `torch_threads`).
     """
     import torch
 

@@ -349,7 +349,7 @@ def load_tokenizer(spec: str | os.PathLike | None = None):
 
 def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load (once per process) the causal LM named by `spec` / `$CTXC_MODEL` / the bundled default."""
-    from .hw import default_device, default_dtype, quiet_hf
+    from .hw import default_device, default_dtype, quiet_hf, torch_threads
 
     quiet_hf()
     t0 = time.perf_counter()
@@ -380,7 +380,7 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
             "pass --model PATH to a transformers causal-LM directory or a .gguf file",
         ) from None
     model.to(dev).eval()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(torch_threads())
     tok = load_tokenizer(source)
     lm = LoadedModel(model, tok, d, source, dev, torch_dtype, fingerprint_dir(d), time.perf_counter() - t0)
     with _LOCK:

@@ -37,7 +37,7 @@ class Embedder:
             raise ModelError(f"embedder {self.path} does not exist", "pass a sentence-transformers model directory")
         import torch
 
-        from ..hw import default_dtype, default_device, quiet_hf
+        from ..hw import default_device, default_dtype, quiet_hf, torch_threads
 
         quiet_hf()
         from sentence_transformers import SentenceTransformer
@@ -58,7 +58,7 @@ class Embedder:
         self.memo_size = 200_000
         dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim_fn())
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(torch_threads())
 
     @property
     def name(self) -> str:
