@@ -11,7 +11,6 @@ Least-recently-used order for `gc` comes from the mtime of `last_used` (touched 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -260,7 +259,7 @@ class CartridgeStore:
         cid = self.resolve(ref)
         problems = self.verify(cid)[0][1]
         if problems:
-            raise CacheError(f"cannot export a damaged cartridge: {problems}", f"rebuild it, then export again")
+            raise CacheError(f"cannot export a damaged cartridge: {problems}", "rebuild it, then export again")
         out = Path(out)
         if out.is_dir():
             raise InputError(f"{out} is a directory", "pass a file name, e.g. -o cartridge.tar")

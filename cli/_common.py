@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 
 import typer
 
@@ -48,3 +49,19 @@ def stdin_or_path(path: str | None) -> str | None:
     if path is None or path == "-":
         return None
     return path
+
+
+class Format(str, Enum):
+    """Output formats shared by the commands that print one result (compress adds jsonl)."""
+
+    text = "text"
+    json = "json"
+
+
+def human_bytes(n: float) -> str:
+    """`human_bytes(1536)` -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from ._common import err_console, handle_errors
+from ._common import Format, human_bytes, err_console, handle_errors
 
 cache_app = typer.Typer(
     name="cache",
@@ -34,19 +34,6 @@ class Quant(str, Enum):
 class KeyAxis(str, Enum):
     channel = "channel"
     token = "token"
-
-
-class Format(str, Enum):
-    text = "text"
-    json = "json"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _age(ts: float | None) -> str:
@@ -160,7 +147,7 @@ def build_cmd(
             sys.stdout.flush()
             verb = "reused" if r.reused else f"built in {r.seconds:.1f} s"
             console.print(f"{r.id[:12]} {m.get('name') or '-'}: {m['kept_tokens']:,}/{m['tokens']:,} tokens, "
-                          f"{_human(line['bytes'])}, {m.get('settings_label')} ({verb})")
+                          f"{human_bytes(line['bytes'])}, {m.get('settings_label')} ({verb})")
     if skipped:
         console.print(f"skipped {len(skipped)} file(s) that are not text: " + "; ".join(skipped[:5]))
 
@@ -191,13 +178,13 @@ def ls_cmd(
         table.add_column(col, justify=just)
     for r in rows:
         if r["error"]:
-            table.add_row(r["id"][:12], "-", f"DAMAGED: {r['error']}", "-", _human(r["bytes"]), "-", "-", "-")
+            table.add_row(r["id"][:12], "-", f"DAMAGED: {r['error']}", "-", human_bytes(r["bytes"]), "-", "-", "-")
             continue
         tokens = f"{r['tokens']:,}" if r["kept_tokens"] == r["tokens"] else f"{r['kept_tokens']:,}/{r['tokens']:,}"
         table.add_row(r["id"][:12], r["name"] or "-", Path(r["doc"]).name if r["doc"] else "-", tokens,
-                      _human(r["bytes"]), r["settings"] or "-", _age(r["created"]), _age(r["last_used"]))
+                      human_bytes(r["bytes"]), r["settings"] or "-", _age(r["created"]), _age(r["last_used"]))
     table.add_section()
-    table.add_row("", f"{len(rows)} cartridge(s)", "", "", _human(sum(r["bytes"] for r in rows)), str(store.root),
+    table.add_row("", f"{len(rows)} cartridge(s)", "", "", human_bytes(sum(r["bytes"] for r in rows)), str(store.root),
                   "", "")
     # Not a terminal (a pipe, a file): wide enough that ids and settings are never cut.
     Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160).print(table)
@@ -272,7 +259,7 @@ def gc_cmd(
     for cid in removed:
         typer.echo(("would remove " if dry_run else "removed ") + cid)
     err_console().print(f"{len(removed)} cartridge(s) {'to remove' if dry_run else 'removed'}; "
-                        f"{_human(left)} {'would be' if dry_run else 'is'} left (limit {_human(limit)})")
+                        f"{human_bytes(left)} {'would be' if dry_run else 'is'} left (limit {human_bytes(limit)})")
 
 
 @cache_app.command("export")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from ._common import err_console, handle_errors
+from ._common import Format, human_bytes, err_console, handle_errors
 
 index_app = typer.Typer(
     help="Build and inspect retrieval indexes (FAISS vectors + BM25) over files and directories.",
@@ -23,19 +23,6 @@ class Mode(str, Enum):
     hybrid = "hybrid"
     dense = "dense"
     bm25 = "bm25"
-
-
-class Format(str, Enum):
-    text = "text"
-    json = "json"
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @index_app.command("build")
@@ -129,7 +116,7 @@ def info(
         ("embedder", f"{facts['embedder']} (dim {facts['dim']}, {facts['embedder_path']})"),
         ("faiss", f"{facts['faiss']}; HNSW from {facts['hnsw_threshold']:,} chunks"),
         ("bm25", f"{facts['bm25_terms']:,} terms"),
-        ("size", _human_bytes(facts["size_bytes"])),
+        ("size", human_bytes(facts["size_bytes"])),
         ("updated", str(facts["updated"])),
         ("format", f"version {facts['version']}"),
     ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..retrievers.bm25 import BM25, tokenize_words
+from ..retrievers.bm25 import BM25
 from ..tokenizers import Tokenizer
 from .base import Compressed, Compressor
 
