@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ctxc-installed
 SAMPLE ?= samples/fema_fire_management_grants.txt
 QUERY ?= How many days does FEMA have to approve or deny a grant application?
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench bench-all clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,14 @@ test: setup
 bench: setup
 	$(BIN)/python bench/bench_extractive.py
 	$(BIN)/python bench/bench_cli_startup.py
+
+# Every benchmark (long: the retrieval index build alone takes minutes). Each prints a side-by-side table.
+bench-all: bench
+	$(BIN)/python bench/bench_tokens.py
+	$(BIN)/python bench/bench_retrieval.py
+	$(BIN)/python bench/bench_cartridges.py
+	$(BIN)/python bench/bench_code.py
+	$(BIN)/python bench/bench_abstractive.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
