@@ -37,6 +37,7 @@ class ExtractiveCompressor(SpanSelector):
     neighbor_weight: share of the best neighbour's score added to a unit's score.
     paragraph_weight: share of the enclosing paragraph's score added to a unit's score.
     lead_weight: bonus for the first units, decaying over about three units (query mode).
+    redundancy: query mode: how much word overlap with a better-ranked unit lowers a unit's score (0 = off).
     prefilter: units embedded at most before their neighbours are added (query mode).
     mmr_lambda: relevance vs redundancy trade-off without a query (1 = no redundancy penalty).
     embedder: path to a sentence-transformers model (default: the bundled all-MiniLM-L6-v2).
@@ -44,10 +45,11 @@ class ExtractiveCompressor(SpanSelector):
 
     name = "extractive"
     description = "verbatim sentences chosen by query relevance (dense+BM25) or centrality, knapsack under the budget"
-    dense_weight: float = 0.6
+    dense_weight: float = 0.4
     neighbor_weight: float = 0.35
-    paragraph_weight: float = 0.3
+    paragraph_weight: float = 0.15
     lead_weight: float = 0.1
+    redundancy: float = 0.6
     prefilter: int = 384
     mmr_lambda: float = 0.7
     embedder: str | None = None
@@ -112,7 +114,24 @@ class ExtractiveCompressor(SpanSelector):
         smoothed = fused + self.neighbor_weight * np.maximum(left, right)
         # Lead prior: short passages (encyclopedia entries, abstracts) put the key facts first.
         smoothed += self.lead_weight * np.exp(-np.arange(len(units)) / 3.0)
-        return smoothed + 1e-3  # tiny floor: spare budget goes to something rather than nothing
+        if self.redundancy > 0:
+            smoothed = self._penalise_redundancy(text, units, smoothed)
+        return smoothed + 1e-3
+
+    def _penalise_redundancy(self, text: str, units: list[Unit], score: np.ndarray, top: int = 256) -> np.ndarray:
+        """MMR-style: walking down the ranking, a unit loses `redundancy` x its word overlap (Jaccard) with the
+        most similar better-ranked unit. Without it, near-duplicates (repeated titles, boilerplate sentences that
+        echo the question) crowd out the one sentence that holds the answer."""
+        out = score.copy()
+        order = np.argsort(-score, kind="stable")[:top]
+        seen: list[set] = []
+        for i in order:
+            words = set(tokenize_words(units[i].text(text)))
+            if words and seen:
+                overlap = max(len(words & w) / len(words | w) for w in seen)
+                out[i] = score[i] * (1 - self.redundancy * overlap)
+            seen.append(words)
+        return out  # tiny floor: spare budget goes to something rather than nothing
 
     def _centrality_scores(self, texts: list[str], units: list[Unit]) -> np.ndarray:
         n = len(texts)
