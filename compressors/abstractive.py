@@ -21,7 +21,7 @@ _SYSTEM = ("You are a careful editor who shortens documents. Keep names, numbers
 _PREAMBLE = re.compile(r"^\s*(?:sure[,!.]?\s*)?(?:here(?:'s| is| are)[^\n:]*:|(?:the )?summary[^\n:]{0,40}:)\s*", re.I)
 
 
-from ..hw import lm_threads  # noqa: E402,F401  (re-exported: code and evaluate import it from here)
+from ..hw import lm_threads  # noqa: E402
 
 
 class _Progress:
@@ -153,6 +153,8 @@ class AbstractiveCompressor(Compressor):
     def _summarise(self, lm, chunks, shares, counts, tokenizer, query, rnd) -> tuple[list[str], int]:
         import torch
 
+        from ..model import left_pad
+
         hf = lm.tokenizer.hf
         # Budget tokens -> model tokens: the two tokenizers differ, so measure the ratio on this text.
         sample = "\n".join(chunks)[:20000]
@@ -173,12 +175,8 @@ class AbstractiveCompressor(Compressor):
                     msgs = self._prompt(chunks[i], words, query)
                     prompts.append(hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
                 enc = [hf.encode(p, add_special_tokens=False) for p in prompts]
-                L = max(len(e) for e in enc)
-                ids = torch.full((len(enc), L), pad, dtype=torch.long)
-                mask = torch.zeros((len(enc), L), dtype=torch.long)
-                for j, e in enumerate(enc):
-                    ids[j, L - len(e) :] = torch.tensor(e)
-                    mask[j, L - len(e) :] = 1
+                ids, mask = left_pad(enc, pad)
+                L = ids.shape[1]
                 new = min(self.max_new_tokens, max(16, int(max(shares[i] for i in idx) * ratio * 1.3) + 8))
                 with torch.inference_mode(), lm_threads():
                     gen = lm.model.generate(

@@ -601,25 +601,21 @@ class CodeCompressor(Compressor):
         seqs = [bos + c + q_ids for c in [[]] + ctxs]
         nll = np.zeros(len(seqs))
         pad = hf.pad_token_id if hf.pad_token_id is not None else (hf.eos_token_id or 0)
-        from .abstractive import lm_threads
+        from ..hw import lm_threads
+        from ..model import left_pad
 
         k = len(q_ids)
         with torch.inference_mode(), lm_threads():
             for a in range(0, len(seqs), max(1, self.lm_batch)):
                 batch = seqs[a : a + self.lm_batch]
-                L = max(len(s) for s in batch)
                 # Left padding puts every query at the end, so only its k+1 logits are projected onto the vocabulary
                 # (`logits_to_keep`): the body positions, most of the sequence, never pay for the LM head.
-                ids = torch.full((len(batch), L), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), L), dtype=torch.long)
-                for j, s in enumerate(batch):
-                    ids[j, L - len(s) :] = torch.tensor(s)
-                    mask[j, L - len(s) :] = 1
+                ids, mask = left_pad(batch, pad)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                   position_ids=pos.to(lm.device), logits_to_keep=k + 1).logits.float()
                 logp = torch.log_softmax(logits[:, :-1], -1)
-                tgt = ids[:, L - k :].to(lm.device)
+                tgt = ids[:, ids.shape[1] - k :].to(lm.device)
                 nll[a : a + len(batch)] = (-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).mean(-1)).cpu().numpy()
         return nll[0] - nll[1:]
 

@@ -267,7 +267,7 @@ class AnswerScorer:
             context, truncated = tok.truncate(context, room), True
         p_ids = tok.encode(self._prompt(context, question))
         ids = torch.tensor([p_ids + a_ids], device=self.lm.device)
-        from .compressors.abstractive import lm_threads
+        from .hw import lm_threads
 
         with torch.inference_mode(), lm_threads():
             # Only the answer's logits are projected onto the vocabulary.

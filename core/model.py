@@ -489,3 +489,23 @@ def token_surprisal(lm: "LoadedModel", seqs: list[list[int]], layers: int | None
                     np.zeros(0, np.float32)
                 pos += k
     return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """Token id lists -> (ids, attention_mask) LongTensors, padded on the left so every sequence ends at the last
+    column (what batched generation and last-positions-only scoring need).
+
+    >>> left_pad([[5, 6], [7]], 0)[0].tolist()
+    [[5, 6], [0, 7]]
+    """
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        if s:
+            ids[j, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[j, width - len(s) :] = 1
+    return ids, mask
+
