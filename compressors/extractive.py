@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..document import Unit, split_units
 from ..retrievers.bm25 import BM25, tokenize_words
-from .base import SpanSelector
+from ..tokenizers import Tokenizer
+from .base import Compressed, SpanSelector
 
 
 def _unit_norm(x: np.ndarray) -> np.ndarray:
@@ -38,6 +40,14 @@ class ExtractiveCompressor(SpanSelector):
     paragraph_weight: share of the enclosing paragraph's score added to a unit's score.
     lead_weight: bonus for the first units, decaying over about three units (query mode).
     redundancy: query mode: how much word overlap with a better-ranked unit lowers a unit's score (0 = off).
+    answer_weight: query mode: boost for units holding a span of the question's answer type (a date for "when",
+        a name for "who", a number for "how many") that the question lacks; 0 = off.
+    hop_weight: query mode, several paragraphs: weight of a second lexical pass whose query is the names found in
+        the best-matching sentences (pseudo-relevance feedback for multi-hop questions); 0 = off.
+    restate_penalty: query mode: cut for units that only restate the question (fewer than two new content words:
+        titles, headings); 0 = off.
+    window_budget: query mode: at budgets up to this many tokens, when even the best sentence does not fit, keep the
+        best contiguous run of words from the best sentences instead of scattered clause fragments; 0 = off.
     prefilter: units embedded at most before their neighbours are added (query mode).
     mmr_lambda: relevance vs redundancy trade-off without a query (1 = no redundancy penalty).
     embedder: path to a sentence-transformers model (default: the bundled all-MiniLM-L6-v2).
@@ -50,10 +60,72 @@ class ExtractiveCompressor(SpanSelector):
     paragraph_weight: float = 0.15
     lead_weight: float = 0.1
     redundancy: float = 0.6
+    answer_weight: float = 0.5
+    restate_penalty: float = 0.5
+    hop_weight: float = 0.3
+    window_budget: int = 64
     prefilter: int = 384
     mmr_lambda: float = 0.7
     embedder: str | None = None
     max_embed_units: int = 1500
+
+    def compress(self, text: str, budget: int, tokenizer: Tokenizer, query: str | None = None) -> Compressed:
+        if query and query.strip() and 0 < budget <= self.window_budget:
+            window = self._best_window(text, budget, tokenizer, query)
+            if window is not None:
+                return window
+        return super().compress(text, budget, tokenizer, query)
+
+    def _best_window(self, text: str, budget: int, tokenizer: Tokenizer, query: str) -> Compressed | None:
+        """Tiny budgets: the best run of whole words inside one of the three best sentences, or None when the best
+        sentence fits whole (then ordinary selection is better). A run is worth the question terms it holds, the
+        complete answer-type spans it holds (a date for "when", a name for "who") and its sentence's score.
+        Clause fragments picked from all over the text rarely hold the answer together with its context."""
+        from ._answer_type import answer_spans
+
+        sents = split_units(text)
+        if not sents:
+            return None
+        score = np.asarray(self.score(text, sents, query), dtype=np.float64)
+        order = np.argsort(-score, kind="stable")[:3]
+        if tokenizer.count(sents[order[0]].text(text)) <= budget:
+            return None
+        top = score[order[0]] or 1.0
+        qterms = set(tokenize_words(query))
+        best: tuple[float, int, int] | None = None
+        for si in order:
+            u = sents[si]
+            words = [(u.start + m.start(), u.start + m.end()) for m in re.finditer(r"\S+", text[u.start:u.end])]
+            if not words:
+                continue
+            hit = np.array([bool(qterms.intersection(tokenize_words(text[a:b]))) for a, b in words], dtype=float)
+            spans = answer_spans(query, text[u.start:u.end])
+            starts = np.array([a for a, _ in words])
+            ends = np.array([b for _, b in words])
+            cost = np.array(tokenizer.count_many([" " + text[a:b] for a, b in words]), dtype=np.int64)
+            j = 0
+            for i in range(len(words)):  # two pointers: the longest run from word i within the budget
+                j = max(j, i)
+                while j < len(words) and cost[i : j + 1].sum() <= budget:
+                    j += 1
+                if j == i:
+                    continue
+                a, b = starts[i], ends[j - 1]
+                whole = [(s0, e0) for s0, e0 in spans if s0 >= a - u.start and e0 <= b - u.start]
+                ans = sum(len(text[u.start + s0 : u.start + e0].split()) for s0, e0 in whole)
+                val = (min(hit[i:j].sum(), 3) / 3 + 0.75 * min(len(whole), 2) + 0.25 * min(ans, 4) / 4
+                       + score[si] / top)
+                if best is None or val > best[0]:
+                    best = (val, int(a), int(b))
+        if best is None:
+            return None
+        _, a, b = best
+        piece = text[a:b]
+        while piece and tokenizer.count(piece) > budget:  # BPE costs are not additive: trim to the exact count
+            piece = piece[: piece.rfind(" ")] if " " in piece else ""
+        if not piece:
+            return None
+        return Compressed(piece, [(a, a + len(piece))], {"window": True, "units": len(sents)})
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         from ..retrievers.embed import get_embedder
@@ -93,6 +165,14 @@ class ExtractiveCompressor(SpanSelector):
         sent_texts = [u.text(text) for u in sents]
         sent_score = self._fused(sent_texts, query, q_vec)
         para_ids = sorted({u.para for u in sents})
+        if self.hop_weight > 0 and len(para_ids) > 1:
+            from ._answer_type import bridge_terms
+
+            terms = bridge_terms(query, [sent_texts[i] for i in np.argsort(-sent_score, kind="stable")[:3]])
+            if terms:
+                hop = BM25(sent_texts).scores(" ".join(terms)).astype(np.float64)
+                if hop.max() > 0:
+                    sent_score = sent_score + self.hop_weight * hop / hop.max()
         para_spans = {p: (min(u.start for u in sents if u.para == p), max(u.end for u in sents if u.para == p))
                       for p in para_ids} if len(para_ids) <= 4000 else {}
         para_score = np.zeros(max(para_ids) + 1 if para_ids else 1)
@@ -114,6 +194,13 @@ class ExtractiveCompressor(SpanSelector):
         smoothed = fused + self.neighbor_weight * np.maximum(left, right)
         # Lead prior: short passages (encyclopedia entries, abstracts) put the key facts first.
         smoothed += self.lead_weight * np.exp(-np.arange(len(units)) / 3.0)
+        if self.answer_weight > 0 or self.restate_penalty > 0:
+            from ._answer_type import candidates, novel_words
+
+            unit_texts = [u.text(text) for u in units]
+            cand = np.array(candidates(query, unit_texts), dtype=np.float64)
+            restates = np.array([novel_words(query, t) < 2 for t in unit_texts], dtype=np.float64)
+            smoothed = smoothed * (1 + self.answer_weight * cand) * (1 - self.restate_penalty * restates)
         if self.redundancy > 0:
             smoothed = self._penalise_redundancy(text, units, smoothed)
         return smoothed + 1e-3

@@ -19,7 +19,9 @@ _ABBREV = re.compile(
     r"Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec|U\.S|U\.K|P\.L|Gen|Gov|Sen|Rep|Rev|Capt|Lt|Col|Maj|approx|est|Dept|Univ|viz)"
     r"|\b[A-Z])\.[\"'”’)\]]*$"
 )
-_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+(?=[—–-]{1,2}\s)|(?<=\))\s+")
+# A comma between digits ("July 21, 1861", "1, 2 and 3") is not a clause break: answers are often dates.
+_CLAUSE_END = re.compile(r"(?<=[;:])\s+|(?<=,)(?<!\d,)\s+|(?<=\d,)\s+(?!\d)|\s+(?=[—–-]{1,2}\s)|(?<=\))\s+")
+_MIN_CLAUSE_WORDS = 3
 _BLANK = re.compile(r"\n[ \t]*\n\s*")
 _BULLET = re.compile(r"^\s*(?:[-*•>#|]|\d+[.)]\s|[A-Za-z][.)]\s)")
 
@@ -110,17 +112,21 @@ def sentences_in(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 
 def clauses_in(text: str, start: int, end: int) -> list[tuple[int, int]]:
-    """Split a span at clause punctuation (, ; : dashes)."""
+    """Split a span at clause punctuation (, ; : dashes). A piece of fewer than `_MIN_CLAUSE_WORDS` words joins
+    the one before it: "Los Angeles, California" or "Virginia," alone is a fragment no reader can use."""
     block = text[start:end]
-    out, pos = [], 0
-    for m in _CLAUSE_END.finditer(block):
-        s, e = _strip_span(block, pos, m.start())
-        if e > s:
+    out: list[tuple[int, int]] = []
+    pos = 0
+    cuts = [(m.start(), m.end()) for m in _CLAUSE_END.finditer(block)] + [(len(block), len(block))]
+    for a, b in cuts:
+        s, e = _strip_span(block, pos, a)
+        pos = b
+        if e <= s:
+            continue
+        if out and len(block[s:e].split()) < _MIN_CLAUSE_WORDS:
+            out[-1] = (out[-1][0], start + e)
+        else:
             out.append((start + s, start + e))
-        pos = m.end()
-    s, e = _strip_span(block, pos, len(block))
-    if e > s:
-        out.append((start + s, start + e))
     return out
 
 

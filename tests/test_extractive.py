@@ -108,3 +108,60 @@ def test_unknown_method_lists_the_available_ones():
     with pytest.raises(ctxc.MethodError) as err:
         ctxc.compress("a b c " * 100, 5, method="magic")
     assert re.search(r"extractive.*truncate", err.value.one_line())
+
+
+FESTIVAL = (
+    "Harbor Lights Festival\n\n"
+    "The Harbor Lights Festival is an annual celebration held in the port town of Kestrel Bay, drawing visitors "
+    "from across the region for its lantern parade, its food stalls and its boat races along the old quay. "
+    "The first festival was held on June 14, 1987 after a storm had destroyed the old lighthouse and the town "
+    "wanted to raise money to rebuild it. Today the festival is organised by a committee of volunteers and lasts "
+    "for three days, and Margaret Ellison has chaired that committee since the spring of 2004."
+)
+
+
+@pytest.mark.parametrize("budget", [10, 14, 20])
+def test_tiny_budget_keeps_one_verbatim_window_with_the_date(budget):
+    res = ctxc.compress(FESTIVAL, budget, query="When was the first Harbor Lights Festival held?")
+    assert res.output_tokens <= budget
+    assert "June 14, 1987" in res.text
+    assert len(res.kept) == 1 and FESTIVAL[res.kept[0][0]:res.kept[0][1]] == res.text  # one contiguous span
+
+
+def test_tiny_budget_window_can_be_turned_off():
+    res = ctxc.compress(FESTIVAL, 10, query="When was the first Harbor Lights Festival held?", window_budget=0)
+    assert res.output_tokens <= 10 and not res.info.get("window")
+
+
+def test_who_question_prefers_the_sentence_with_a_new_name():
+    res = ctxc.compress(FESTIVAL, 30, query="Who chairs the Harbor Lights Festival committee?")
+    assert "Margaret Ellison" in res.text
+
+
+def test_answer_types_and_candidates():
+    from ctxc.compressors._answer_type import answer_spans, answer_type, bridge_terms, candidates, novel_words
+
+    assert answer_type("when did the battle of bull run start") == "date"
+    assert answer_type("How many players have scored 10,000 runs?") == "number"
+    assert answer_type("who is playing the halftime show") == "person"
+    assert answer_type("What Italian region does Slinzega come from?") == "place"
+    assert answer_type('Highlight the parts of this contract related to "Parties"') is None
+    q = "who is playing the halftime show at the super bowl"
+    assert candidates(q, ["Super Bowl LII halftime show", "Justin Timberlake was the featured performer."]) == \
+        [False, True]
+    assert candidates("when did the battle start", ["It was fought on July 21, 1861.", "It was a battle."]) == \
+        [True, False]
+    assert novel_words("when did the battle of bull run start", "Battle of Bull Run") == 0
+    text = "It was fought on July 21, 1861 near Manassas."
+    assert any(text[a:b].startswith("July 21") for a, b in answer_spans("when was it fought", text))
+    assert "archivist" in bridge_terms("who did Roosevelt appoint", ["He made Connor the first Archivist."])
+
+
+def test_clauses_keep_dates_and_places_whole():
+    from ctxc.document import clauses_in
+
+    t = "It was fought on July 21, 1861 in Prince William County, Virginia, just north of the city of Manassas."
+    pieces = [t[a:b] for a, b in clauses_in(t, 0, len(t))]
+    assert any("July 21, 1861" in p for p in pieces)
+    assert "Virginia," not in pieces  # a two-word fragment joins the clause before it
+    assert " ".join(pieces).split() == t.split()
