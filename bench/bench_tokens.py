@@ -1,7 +1,15 @@
 """LM-scored token pruning (`tokens`) side by side with `extractive+tokens`, `extractive` and llmlingua.
 
-  .venv/bin/python bench/bench_tokens.py [--per-file 6] [--max-tokens 6000] [--ratios 4 10] [--layers 8 16]
+  .venv/bin/python bench/bench_tokens.py [--per-file 6] [--max-tokens 6000] [--ratios 4 10] [--layers 4 8]
                                          [--big 64000] [--threads N] [--llmlingua /tmp/ctxc-peers/venv/bin/python]
+                                         [--scorer-only] [--score-tokens 9216] [--score-layers 4 8] [--reps 3]
+
+First, the scorer itself, native (`ctxc.llama`, what `tokens` uses) vs transformers (`load_model`), in one run:
+model load time in fresh processes (imports included, alternating backends), then scoring throughput of
+`token_surprisal` on real text cut like `tokens` cuts it (576-token sequences: 1 + 64 context + 511), full depth
+and `--score-layers K`, interleaved native/transformers in one process so machine load hits both alike, next to
+the bf16 matmul ceiling: the measured GFLOP/s of `F.linear` at this model's shapes (decoder layer and lm_head)
+and the tok/s those matmuls alone would allow. `--scorer-only` stops after that table.
 
 Each method runs in its own worker process, so `peak RSS` is that method's alone (ru_maxrss, model included).
 Inputs: QA examples from ../shared/data/qa whose answer occurs verbatim in the context (at most --max-tokens
@@ -45,6 +53,7 @@ def method_configs(layers: list[int]) -> dict[str, dict]:
     cfg = {"tokens": dict(method="tokens"), "tokens (no refine)": dict(method="tokens", refine=False)}
     for k in layers:
         cfg[f"tokens --layers {k}"] = dict(method="tokens", layers=k)
+    cfg["tokens (transformers scorer)"] = dict(method="tokens", scorer="transformers")
     cfg["extractive+tokens"] = dict(method="extractive+tokens")
     cfg["extractive"] = dict(method="extractive")
     return cfg
@@ -97,14 +106,15 @@ def worker(spec_path: str) -> None:
     import torch
 
     import ctxc
-    from ctxc.model import load_model
+    from ctxc.model import load_scorer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+        os.environ["CTXC_THREADS"] = str(spec["threads"])  # token_surprisal would pick 1 thread on a busy machine
     opts = spec["opts"]
     if "tokens" in opts["method"]:
         t0 = time.perf_counter()
-        load_model()
+        load_scorer()  # $CTXC_SCORER (set by run_worker) picks native or transformers
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])  # load_model sets the thread count too
         load_s = time.perf_counter() - t0
@@ -127,10 +137,15 @@ def worker(spec_path: str) -> None:
 
 
 def run_worker(name: str, opts: dict, examples: list[dict], ratios: list[int], threads: int | None) -> dict:
+    opts = dict(opts)
+    env = dict(os.environ)
+    if "scorer" in opts:  # which scoring backend the worker's `tokens` uses
+        env["CTXC_SCORER"] = opts.pop("scorer")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump({"opts": opts, "examples": examples, "ratios": ratios, "threads": threads}, fh)
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", fh.name], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", fh.name], capture_output=True, text=True,
+                              env=env)
     finally:
         os.unlink(fh.name)
     rows, tail = [], {}
@@ -158,8 +173,8 @@ def llmlingua_reference() -> list[dict]:
 
 def fmt_table(results: list[dict], ratios: list[int]) -> str:
     lines = ["| method | ratio | n | answer kept | out/budget mean (max) | input tok/s | LM scoring tok/s "
-             "| peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model load s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in ratios:
             rows = [x for x in res["rows"] if x["ratio"] == r and x["set"] != "big"]
@@ -171,8 +186,138 @@ def fmt_table(results: list[dict], ratios: list[int]) -> str:
             sc = [x for x in rows if x.get("score_sec")]
             stps = f"{sum(x['model_tokens'] for x in sc) / sum(x['score_sec'] for x in sc):,.0f}" if sc else "-"
             lines.append(f"| {res['name']} | {r}x | {len(rows)} | {kept:.0%} | {sum(ob) / len(ob):.3f} ({max(ob):.3f}) "
-                         f"| {tps:,.0f} | {stps} | {res.get('peak_rss_mb', float('nan')):,.0f} |")
+                         f"| {tps:,.0f} | {stps} | {res.get('load_s', 0):.2f} "
+                         f"| {res.get('peak_rss_mb', float('nan')):,.0f} |")
     return "\n".join(lines)
+
+# ----------------------------------------------------------------------------------------------------- scorer
+LOAD_CODE = """
+import time; t0 = time.perf_counter()
+import json, sys
+from ctxc.model import load_scorer
+lm = load_scorer(backend=sys.argv[1])
+print(json.dumps({"load_s": time.perf_counter() - t0, "native": lm.native,
+                  "transformers_imported": "transformers" in sys.modules}))
+"""
+
+
+def load_times(reps: int) -> dict[str, list[float]]:
+    """Seconds from a fresh interpreter to a loaded scorer (imports included), alternating the backends."""
+    out: dict[str, list[float]] = {"native": [], "transformers": []}
+    for _ in range(reps):
+        for backend in out:
+            r = subprocess.run([sys.executable, "-c", LOAD_CODE, backend], capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"[load {backend}] failed:\n{r.stderr[-1500:]}", file=sys.stderr)
+                continue
+            out[backend].append(json.loads(r.stdout.strip().splitlines()[-1])["load_s"])
+    return out
+
+
+def scoring_sequences(lm, n_tokens: int) -> list[list[int]]:
+    """Real text (haystack essays) cut the way `tokens` cuts it: `<|endoftext|>` + 64 context + 511 scored."""
+    ids: list[int] = []
+    for name in haystack_names():
+        ids += lm.tokenizer.encode(haystack(name))
+        if len(ids) > n_tokens * 1.2:
+            break
+    head = [lm.tokenizer.hf.convert_tokens_to_ids("<|endoftext|>")]
+    seqs, a = [], 64
+    while sum(len(x) for x in seqs) < n_tokens and a + 511 <= len(ids):
+        seqs.append(head + ids[a - 64 : a + 511])
+        a += 511
+    return seqs
+
+
+def matmul_ceiling(cfg, rows: int, reps: int) -> dict[str, float]:
+    """Best-of-`reps` seconds of bf16 F.linear at the model's shapes for `rows` tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    H, nq, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or H // nq
+    inter, vocab = cfg.intermediate_size, cfg.vocab_size
+    shapes = {"qkv": (H, (nq + 2 * nkv) * hd), "o": (nq * hd, H), "gate_up": (H, 2 * inter), "down": (inter, H),
+              "lm_head": (H, vocab)}
+    out = {}
+    with torch.inference_mode():
+        for name, (k, n) in shapes.items():
+            x = torch.randn(rows, k).bfloat16()
+            w = torch.randn(n, k).bfloat16()
+            best = float("inf")
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                F.linear(x, w)
+                best = min(best, time.perf_counter() - t)
+            out[name] = best
+            out[name + "_flop"] = 2.0 * rows * k * n
+    return out
+
+
+def scorer_bench(args) -> None:
+    import statistics
+
+    import torch
+
+    threads = args.threads
+    if not threads:  # ctxc.hw.lm_threads' rule: 2 threads on a busy 2-core box stall each other at every op
+        threads = 1 if os.getloadavg()[0] >= 1.5 * (os.cpu_count() or 1) else (os.cpu_count() or 1)
+    os.environ["CTXC_THREADS"] = str(threads)  # the same count for every measurement below
+    print(f"scorer: threads {threads}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    lt = load_times(args.reps)
+    from ctxc.model import load_scorer, token_surprisal
+
+    native = load_scorer(backend="native")
+    hf = load_scorer(backend="transformers")
+    torch.set_num_threads(threads)
+    seqs = scoring_sequences(native, args.score_tokens)
+    n_tok = sum(len(x) for x in seqs)
+    depths = [None] + list(args.score_layers)
+    token_surprisal(native, seqs[:1], layers=2)  # warm-up (allocator, rope tables)
+    token_surprisal(hf, seqs[:1], layers=2)
+    times: dict[tuple, list[float]] = defaultdict(list)
+    nll: dict[tuple, object] = {}
+    for rep in range(args.reps):
+        for k in depths:
+            pair = (("native", native), ("transformers", hf))
+            for name, lm in pair if rep % 2 == 0 else pair[::-1]:  # alternate who goes first
+                t = time.perf_counter()
+                r = token_surprisal(lm, seqs, layers=k)
+                times[(name, k)].append(time.perf_counter() - t)
+                nll[(name, k)] = r
+    rows = len(seqs) * len(seqs[0])
+    mm = matmul_ceiling(native.model.config, min(rows, 4096), args.reps)
+    layer_s = sum(mm[x] for x in ("qkv", "o", "gate_up", "down")) / min(rows, 4096)  # per token per layer
+    layer_flop = sum(mm[x + "_flop"] for x in ("qkv", "o", "gate_up", "down")) / min(rows, 4096)
+    head_s, head_flop = mm["lm_head"] / min(rows, 4096), mm["lm_head_flop"] / min(rows, 4096)
+    n_layers = native.model.num_layers
+    import numpy as np
+
+    print(f"\n### Scorer: native (ctxc.llama) vs transformers, {native.dtype}, {threads} threads, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("| | native | transformers | ratio |\n|---|---|---|---|")
+    if lt["native"] and lt["transformers"]:
+        a, b = statistics.median(lt["native"]), statistics.median(lt["transformers"])
+        print(f"| model load, fresh process, imports included (median of {len(lt['native'])}) | {a:.2f} s "
+              f"| {b:.2f} s | {b / a:.2f}x |")
+    for k in depths:
+        a, b = min(times[("native", k)]), min(times[("transformers", k)])
+        depth = f"--layers {k}" if k else f"full depth ({n_layers} layers)"
+        d = np.concatenate([x[1:] - y[1:] for x, y in zip(nll[("native", k)], nll[("transformers", k)])])
+        kk = k or n_layers
+        bound = 1.0 / (kk * layer_s + head_s)
+        print(f"| scoring tok/s, {depth} (best of {args.reps}; {n_tok:,} tokens in {len(seqs)} x 576) "
+              f"| {n_tok / a:,.0f} | {n_tok / b:,.0f} | {b / a:.2f}x |")
+        print(f"| ... matmul-only bound at the measured F.linear rate, {depth} | {bound:,.0f} | | "
+              f"native at {n_tok / a / bound:.0%} of it |")
+        print(f"| ... mean abs NLL difference native vs transformers (nats) | {np.abs(d).mean():.3f} | | |")
+    print(f"\nbf16 F.linear at this model's shapes, {min(rows, 4096)} rows: " + ", ".join(
+        f"{x} {mm[x + '_flop'] / mm[x] / 1e9:,.0f} GFLOP/s" for x in ("qkv", "o", "gate_up", "down", "lm_head"))
+          + f"; decoder layer {layer_flop / 1e6:.1f} MFLOP/token, lm_head {head_flop / 1e6:.1f} MFLOP/token")
+    print(f"matmul-only ceiling: full depth {1.0 / (n_layers * layer_s + head_s):,.0f} tok/s, decoder without "
+          f"lm_head {1.0 / (n_layers * layer_s):,.0f} tok/s; lm_head alone {1.0 / head_s:,.0f} tok/s (bounds every "
+          f"--layers K)")
+
 
 
 def main() -> None:
@@ -181,13 +326,23 @@ def main() -> None:
     ap.add_argument("--per-file", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=6000)
     ap.add_argument("--ratios", type=int, nargs="+", default=[4, 10])
-    ap.add_argument("--layers", type=int, nargs="*", default=[8, 16])
+    ap.add_argument("--layers", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--methods", nargs="*", help="subset of method names to run")
     ap.add_argument("--big", type=int, default=0, help="also compress one N-token document 10x with tokens")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: all cores; the scorer table uses 1 when the machine is busy)")
+    ap.add_argument("--scorer-only", action="store_true", help="only the native-vs-transformers scorer table")
+    ap.add_argument("--no-scorer", action="store_true", help="skip the scorer table")
+    ap.add_argument("--score-tokens", type=int, default=9216, help="tokens per scoring pass in the scorer table")
+    ap.add_argument("--score-layers", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker)
+    if not args.no_scorer:
+        scorer_bench(args)
+        if args.scorer_only:
+            return
 
     examples = build_inputs(args.per_file, args.max_tokens)
     print(f"{len(examples)} inputs ({sum(e['set'] == 'needle' for e in examples)} needles), ratios {args.ratios}, "

@@ -117,9 +117,9 @@ class TokensCompressor(Compressor):
 
     # ------------------------------------------------------------------------------------------- model scoring
     def _lm(self):
-        from ..model import load_model
+        from ..model import load_scorer
 
-        return load_model(self.model)
+        return load_scorer(self.model)
 
     def _doc(self, lm, text: str) -> _Doc:
         spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]

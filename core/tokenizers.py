@@ -159,9 +159,9 @@ def _get_tokenizer_cached(name: str, model: str | None) -> Tokenizer:
     if low.startswith("hf:"):
         return _load_hf_tokenizer(key[3:], key)
     if low == "model":
-        from .model import load_tokenizer
+        from .model import model_tokenizer
 
-        tok = load_tokenizer(model)
+        tok = model_tokenizer(model)
         return HFTokenizer("model", tok.hf if isinstance(tok, HFTokenizer) else tok, getattr(tok, "fingerprint", "model"))
     if low in _ONLINE_ONLY:
         raise TokenizerError(

@@ -8,8 +8,9 @@ Three paths behind one function, following Liger-Kernel's layout:
 
 - `token_nll_torch`: plain torch in fp32, materialises the logits; the test oracle.
 - `token_nll_chunked`: the CPU path. Rows in chunks sized to stay under `max_chunk_bytes`; the projection runs in the
-  input dtype (bf16 matmuls are ~6x fp32 on AMX/AVX512-BF16 CPUs), the log-sum-exp in fp32, and the target logit is
-  recomputed exactly in fp32 from one weight row per token (cheap: `N*H`), so only the log-sum-exp sees bf16 rounding.
+  input dtype (bf16 matmuls are ~6x fp32 on AMX/AVX512-BF16 CPUs), the log-sum-exp in fp32 (for bf16 logits via the
+  fused softmax kernel, see `_lse`), and the target logit is recomputed exactly in fp32 from one weight row per token
+  (cheap: `N*H`), so only the log-sum-exp sees bf16 rounding.
 - `token_nll_triton`: a Triton kernel for GPUs. Each program owns `BLOCK_N` rows, walks the vocabulary in `BLOCK_V`
   blocks with an online (max, sum-exp) pair and picks the target logit out of whichever block holds it.
 
@@ -74,6 +75,18 @@ def _target_logits(h: torch.Tensor, weight: torch.Tensor, tc: torch.Tensor, bias
     return out
 
 
+def _lse(logits: torch.Tensor) -> torch.Tensor:
+    """Row log-sum-exp in fp32. For bf16 logits: `max - log(max softmax prob)`, because the max prob is
+    `1 / sum(exp(l - max))` and torch's fused softmax kernel sums in fp32 internally; only that one probability is
+    rounded (relative 2^-9, i.e. <= 0.004 nats), and it is 4-5x faster on the CPU than upcasting the whole
+    `[rows, vocab]` block and running the multi-pass `torch.logsumexp` on it. (Not for fp16: a max prob near
+    1/vocab is subnormal there.)"""
+    if logits.dtype != torch.bfloat16:
+        return torch.logsumexp(logits.float(), -1)
+    p_max = torch.softmax(logits, -1).amax(-1).float()
+    return logits.amax(-1).float() - p_max.log()
+
+
 def token_nll_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                       bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                       max_chunk_bytes: int = 64 << 20) -> torch.Tensor:
@@ -100,8 +113,7 @@ def token_nll_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         for s in range(0, n, rows):
             hs = h[s : s + rows]
             logits = torch.nn.functional.linear(hs, weight, bias)
-            lse = torch.logsumexp(logits.float(), -1) if logits.dtype != torch.float32 else torch.logsumexp(logits, -1)
-            out[s : s + rows] = lse - _target_logits(hs, weight, tc[s : s + rows], bias)
+            out[s : s + rows] = _lse(logits) - _target_logits(hs, weight, tc[s : s + rows], bias)
     return torch.where(valid, out, torch.zeros_like(out))
 
 
