@@ -2,7 +2,8 @@
 
   .venv/bin/python bench/bench_extractive.py [--per-file 40] [--quick]
 
-Prints, for head truncation, BM25 sentence selection (our extractive with dense_weight=0) and ctxc extractive:
+Prints, for head truncation, plain BM25 sentence selection (our extractive with every prior but BM25 off) and ctxc
+extractive:
 answer retention on ../shared/data/qa at 4x and 10x (question as --query), needle retention in haystack
 documents at several depths at 10x, output tokens vs budget, and throughput; then the time to compress a
 100k-token document with a query.
@@ -27,7 +28,10 @@ import ctxc  # noqa: E402
 
 METHODS = {
     "truncate(head)": dict(method="truncate", mode="head"),
-    "bm25 sentences": dict(method="extractive", dense_weight=0.0, neighbor_weight=0.0),
+    # Plain BM25 sentence selection: extractive with every prior beyond the lexical score turned off.
+    "bm25 sentences": dict(method="extractive", dense_weight=0.0, neighbor_weight=0.0, paragraph_weight=0.0,
+                           lead_weight=0.0, redundancy=0.0, answer_weight=0.0, restate_penalty=0.0, hop_weight=0.0,
+                           window_budget=0),
     "ctxc extractive": dict(method="extractive"),
 }
 
