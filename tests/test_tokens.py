@@ -105,6 +105,21 @@ def test_query_keeps_the_needle(lm, story_text):
     assert res.info["segments"] >= 2
 
 
+@pytest.mark.parametrize("answer_keep", [2, 0])
+def test_answer_spans_of_the_relevant_sentence_stay_whole(lm, embedder, story_text, answer_keep):
+    needle = "Captain Mirela Okonkwo sealed the harbour safe on March 3, 1952 and never opened it again."
+    paras = story_text.split("\n\n")
+    haystack = "\n\n".join(paras[:4] + [needle] + paras[4:8])
+    budget = get_tokenizer("cl100k").count(haystack) // 4
+    res = compress(haystack, budget, method="tokens", query="When was the harbour safe sealed?",
+                   answer_keep=answer_keep)
+    assert res.output_tokens <= budget
+    if answer_keep:
+        assert "March 3, 1952" in res.text
+    else:  # the option is what keeps the date whole: without it the small LM's scores decide alone
+        assert res.info["forced_words"] == 0
+
+
 def test_pipeline_extractive_then_tokens(lm, embedder, short_text):
     res = compress(short_text, 40, method="extractive+tokens", query="How are requests submitted?")
     assert res.output_tokens <= 40 and not res.info.get("hard_truncated")
