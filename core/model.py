@@ -353,16 +353,23 @@ def load_tokenizer(spec: str | os.PathLike | None = None):
         return _TOKENIZERS[key]
 
 
-def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load (once per process) the causal LM named by `spec` / `$CTXC_MODEL` / the bundled default."""
-    from .hw import default_device, default_dtype, quiet_hf, torch_threads
+def _resolve(spec, device: str | None, dtype: str | None) -> tuple[Path, str, object, tuple]:
+    """(model path, device, torch dtype, cache key) for a load request."""
+    from .hw import default_device, default_dtype
 
-    quiet_hf()
-    t0 = time.perf_counter()
     source = resolve_model_path(spec)
     dev = default_device(device)
     torch_dtype = default_dtype(dev, dtype)
-    key = (str(source), dev, str(torch_dtype))
+    return source, dev, torch_dtype, (str(source), dev, str(torch_dtype))
+
+
+def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load (once per process) the causal LM named by `spec` / `$CTXC_MODEL` / the bundled default."""
+    from .hw import quiet_hf, torch_threads
+
+    quiet_hf()
+    t0 = time.perf_counter()
+    source, dev, torch_dtype, key = _resolve(spec, device, dtype)
     with _LOCK:
         if key in _MODELS:
             return _MODELS[key]
@@ -441,7 +448,7 @@ def load_scorer(spec: str | os.PathLike | None = None, device: str | None = None
     `backend`: "auto" (default; `$CTXC_SCORER` overrides), "native" (an unsupported model is an error) or
     "transformers" (always `load_model`).
     """
-    from .hw import default_device, default_dtype, torch_threads
+    from .hw import torch_threads
 
     backend = (backend or os.environ.get("CTXC_SCORER") or "auto").lower()
     if backend not in ("auto", "native", "transformers"):
@@ -449,10 +456,7 @@ def load_scorer(spec: str | os.PathLike | None = None, device: str | None = None
     if backend == "transformers":
         return load_model(spec, device, dtype)
     t0 = time.perf_counter()
-    source = resolve_model_path(spec)
-    dev = default_device(device)
-    torch_dtype = default_dtype(dev, dtype)
-    key = (str(source), dev, str(torch_dtype))
+    source, dev, torch_dtype, key = _resolve(spec, device, dtype)
     with _LOCK:
         if key in _SCORERS and (backend == "auto" or _SCORERS[key].native):
             return _SCORERS[key]
