@@ -21,8 +21,9 @@ _TYPES = [
     ("number", re.compile(r"\bhow (?:many|much|large|big|long|old|far|tall|high|often|fast|deep|wide|heavy|"
                           r"small)\b|\bwhat (?:percentage|percent|number|amount|size|rate|population|age|score)\b")),
     ("place", re.compile(rf"\bwhere\b|\b(?:what|which)(?: \w+)? {_PLACES}\b")),
-    ("person", re.compile(r"\b(?:who|whom|whose)\b|\b(?:what|which)(?: \w+)? (?:person|actor|actress|player|author|writer|"
-                          r"singer|president|king|queen|artist|director|character|team|company|band)\b")),
+    ("person", re.compile(r"\b(?:who|whom|whose)\b|\b(?:what|which)(?: \w+)? (?:person|actor|actress|player|"
+                          r"author|writer|singer|president|king|queen|artist|director|character|team|company|"
+                          r"band)\b")),
     ("entity", re.compile(r"^\s*(?:what|which|name|list)\b")),
 ]
 _NUMBER_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen twenty "
@@ -54,33 +55,14 @@ def _words(s: str) -> set[str]:
     return {w for w in re.findall(r"\w+", s.lower()) if w not in _STOP}
 
 
-def _novel_names(text: str, qwords: set[str]) -> bool:
-    for m in _NAME.finditer(text):
-        words = _words(m.group())
-        if words and len(words - qwords) * 2 >= len(words):
-            return True
-    return False
-
-
 def candidates(question: str, texts: list[str]) -> list[bool]:
     """For each text: does it hold a span of the question's answer type that the question itself lacks?
     All False when the question has no recognisable type (e.g. an instruction rather than a question)."""
     kind = answer_type(question)
     if kind is None:
         return [False] * len(texts)
-    qwords = _words(question)
-    out = []
-    for t in texts:
-        if kind == "date":
-            hit = any(m.group().lower() not in question.lower() for m in _DATE.finditer(t))
-        elif kind == "number":
-            hit = any(m.group().lower() not in qwords for m in _NUMBER.finditer(t))
-        elif kind in ("person", "place"):
-            hit = _novel_names(t, qwords)
-        else:
-            hit = _novel_names(t, qwords) or any(m.group().lower() not in qwords for m in _NUMBER.finditer(t))
-        out.append(hit)
-    return out
+    qwords, ql = _words(question), question.lower()
+    return [bool(_spans(kind, qwords, ql, t)) for t in texts]
 
 
 def novel_words(question: str, text: str) -> int:
@@ -105,9 +87,10 @@ def bridge_terms(question: str, texts: list[str], limit: int = 12) -> list[str]:
 def answer_spans(question: str, text: str) -> list[tuple[int, int]]:
     """Char spans in `text` of the question's answer type that the question lacks (see `candidates`)."""
     kind = answer_type(question)
-    if kind is None:
-        return []
-    qwords, ql = _words(question), question.lower()
+    return _spans(kind, _words(question), question.lower(), text) if kind else []
+
+
+def _spans(kind: str, qwords: set[str], ql: str, text: str) -> list[tuple[int, int]]:
     out = []
     if kind in ("date", "entity"):
         out += [m.span() for m in _DATE.finditer(text) if m.group().lower() not in ql]
@@ -116,6 +99,6 @@ def answer_spans(question: str, text: str) -> list[tuple[int, int]]:
     if kind in ("person", "place", "entity"):
         for m in _NAME.finditer(text):
             words = _words(m.group())
-            if words and len(words - qwords) * 2 >= len(words):
+            if words and len(words - qwords) * 2 >= len(words):  # mostly new words: not the question's own names
                 out.append(m.span())
     return sorted(out)
