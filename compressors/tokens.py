@@ -215,24 +215,21 @@ class TokensCompressor(Compressor):
                  "score_seconds": round(time.perf_counter() - t0, 3)}
         return info, seg_of_word, rel, stats
 
-    def _relevance(self, text: str, doc: _Doc, query: str, boost: np.ndarray, forced: np.ndarray) -> None:
+    def _relevance(self, text: str, doc: _Doc, query: str, sents: list, sa: np.ndarray, sb: np.ndarray,
+                   boost: np.ndarray, forced: np.ndarray) -> None:
         """Sentence relevance from the extractive scorer (BM25 + MiniLM + answer-type priors), in place: every word
         of a sentence gets `1 + relevance_boost * r**2` (r in [0, 1]), and in the `answer_keep` best sentences the
         spans of the question's answer type (the date for "when", the name for "who") are forced whole. A small LM's
         surprise alone keeps rare words anywhere; this keeps them where the answer is, and keeps the answer in one
         piece (a name missing its middle word answers nothing)."""
-        from ..document import split_units
         from ._answer_type import answer_spans
         from .extractive import ExtractiveCompressor
 
-        sents = split_units(text)
         if len(sents) == 0:
             return
         r = np.clip(np.asarray(ExtractiveCompressor().score(text, sents, query), dtype=np.float64), 0, None)
         r = r / r.max() if r.max() > 0 else r
-        for k, u in enumerate(sents):
-            a = np.searchsorted(doc.ws, u.start, side="left")
-            b = np.searchsorted(doc.ws, u.end, side="left")
+        for k, (a, b) in enumerate(zip(sa, sb)):
             boost[a:b] *= 1.0 + self.relevance_boost * r[k] ** 2
         for k in np.argsort(-r, kind="stable")[: self.answer_keep]:
             u = sents[k]
@@ -347,7 +344,13 @@ class TokensCompressor(Compressor):
         if query and self.query_boost > 0:
             from ..retrievers.bm25 import tokenize_words
 
+            from ..document import split_units
+
             qterms = set(tokenize_words(query))
+            sents = split_units(text)
+            # Word index range [sa, sb) of each sentence, shared by the sentence-level weights below.
+            sa = np.searchsorted(doc.ws, [u.start for u in sents], side="left")
+            sb = np.searchsorted(doc.ws, [u.end for u in sents], side="left")
             if qterms:
                 seen: dict[str, bool] = {}  # documents repeat words: stem each distinct one once
                 hit = np.zeros(nw, dtype=bool)
@@ -360,16 +363,12 @@ class TokensCompressor(Compressor):
                 if self.sentence_boost > 0:
                     # Answers sit in the sentence that shares the question's words: weight every word of a
                     # sentence by the share of question terms it contains.
-                    from ..document import split_units
-
-                    for u in split_units(text):
+                    for u, a, b in zip(sents, sa, sb):
                         overlap = len(qterms.intersection(tokenize_words(text[u.start : u.end]))) / len(qterms)
                         if overlap:
-                            a = np.searchsorted(doc.ws, u.start, side="left")
-                            b = np.searchsorted(doc.ws, u.end, side="left")
                             boost[a:b] *= 1.0 + self.sentence_boost * overlap
             if self.relevance_boost > 0 or self.answer_keep > 0:
-                self._relevance(text, doc, query, boost, forced)
+                self._relevance(text, doc, query, sents, sa, sb, boost, forced)
 
         p = self._priority(doc, info, cost, word_w, boost, forced)
         live = np.flatnonzero(p > 0)

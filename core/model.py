@@ -333,6 +333,13 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
 
+def _vocab_fingerprint(tok) -> str:
+    """`hf:<hash of the vocabulary>`: the same for a transformers tokenizer and the raw-tokenizers shim."""
+    return "hf:" + hashlib.sha256(
+        "\n".join(f"{k}\t{v}" for k, v in sorted(tok.get_vocab().items())).encode()
+    ).hexdigest()[:16]
+
+
 def load_tokenizer(spec: str | os.PathLike | None = None):
     """The model's tokenizer as a ctxc `HFTokenizer` (fast: no weights are loaded)."""
     from .hw import quiet_hf
@@ -346,10 +353,7 @@ def load_tokenizer(spec: str | os.PathLike | None = None):
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(d))
-            vocab_hash = hashlib.sha256(
-                "\n".join(f"{k}\t{v}" for k, v in sorted(tok.get_vocab().items())).encode()
-            ).hexdigest()[:16]
-            _TOKENIZERS[key] = HFTokenizer("model", tok, f"hf:{vocab_hash}")
+            _TOKENIZERS[key] = HFTokenizer("model", tok, _vocab_fingerprint(tok))
         return _TOKENIZERS[key]
 
 
@@ -359,6 +363,11 @@ def _resolve(spec, device: str | None, dtype: str | None) -> tuple[Path, str, ob
 
     source = resolve_model_path(spec)
     dev = default_device(device)
+    if dev.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelError("--device cuda was asked for but no GPU is visible", "use --device auto or cpu")
     torch_dtype = default_dtype(dev, dtype)
     return source, dev, torch_dtype, (str(source), dev, str(torch_dtype))
 
@@ -377,8 +386,6 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
     import torch
     from transformers import AutoModelForCausalLM
 
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but no GPU is visible", "use --device auto or cpu")
     load_dir = _weights_dir(source, d, torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(load_dir), dtype=torch_dtype)
@@ -424,8 +431,7 @@ def _scorer_tokenizer(d: Path, source: Path):
         tok = FastTokenizer(d)
     except UnsupportedModel:
         return load_tokenizer(source)
-    vocab_hash = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(tok.get_vocab().items())).encode())
-    wrapped = HFTokenizer("model", tok, f"hf:{vocab_hash.hexdigest()[:16]}")  # same fingerprint as load_tokenizer
+    wrapped = HFTokenizer("model", tok, _vocab_fingerprint(tok))
     with _LOCK:
         _TOKENIZERS[key] = wrapped
     return wrapped
@@ -464,8 +470,6 @@ def load_scorer(spec: str | os.PathLike | None = None, device: str | None = None
 
     from .llama import NativeLM, UnsupportedModel
 
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but no GPU is visible", "use --device auto or cpu")
     d = converted_gguf_dir(source) if source.is_file() else source
     try:
         native = NativeLM.load(_weights_dir(source, d, torch_dtype), torch_dtype, dev)
