@@ -79,6 +79,8 @@ class TokensCompressor(Compressor):
         (BM25 + dense + answer-type priors, squared, in [0, 1]); 0 = off.
     answer_keep: with a query, force the answer-type spans (dates for "when", names for "who", ...) of this many
         most relevant sentences; 0 = off.
+    protect: with a query, keep the most relevant sentences (extractive relevance) whole, best first, in up to this
+        share of the budget; the LM prunes words for the rest. 0 = pure word pruning, 1 = close to `extractive`.
     refine: re-score the words kept at `refine_margin` x budget before the final cut.
     refine_margin: how much more than the budget the first cut keeps when refining.
     batch_tokens: tokens per forward batch.
@@ -100,6 +102,7 @@ class TokensCompressor(Compressor):
     sentence_boost: float = 2.0
     relevance_boost: float = 8.0
     answer_keep: int = 3
+    protect: float = 0.8
     refine: bool = True
     refine_margin: float = 1.5
     batch_tokens: int = 4096
@@ -216,12 +219,15 @@ class TokensCompressor(Compressor):
         return info, seg_of_word, rel, stats
 
     def _relevance(self, text: str, doc: _Doc, query: str, sents: list, sa: np.ndarray, sb: np.ndarray,
-                   boost: np.ndarray, forced: np.ndarray) -> None:
+                   cost: np.ndarray, budget: int, boost: np.ndarray, forced: np.ndarray) -> None:
         """Sentence relevance from the extractive scorer (BM25 + MiniLM + answer-type priors), in place: every word
         of a sentence gets `1 + relevance_boost * r**2` (r in [0, 1]), and in the `answer_keep` best sentences the
-        spans of the question's answer type (the date for "when", the name for "who") are forced whole. A small LM's
-        surprise alone keeps rare words anywhere; this keeps them where the answer is, and keeps the answer in one
-        piece (a name missing its middle word answers nothing)."""
+        spans of the question's answer type (the date for "when", the name for "who") are forced whole. With
+        `protect`, the most relevant sentences are forced whole, best first, while they fit in `protect` x budget.
+        A small LM's surprise alone keeps rare words anywhere; this keeps them where the answer is, and keeps the
+        answer in one piece: pruning drops the short, predictable words inside it ("at the 2002 Winter Olympics",
+        "Charles A. Agemian", "producer, director, and writer"), and a name missing its middle word answers
+        nothing."""
         from ._answer_type import answer_spans
         from .extractive import ExtractiveCompressor
 
@@ -231,6 +237,14 @@ class TokensCompressor(Compressor):
         r = r / r.max() if r.max() > 0 else r
         for k, (a, b) in enumerate(zip(sa, sb)):
             boost[a:b] *= 1.0 + self.relevance_boost * r[k] ** 2
+        if self.protect > 0 and r.max() > 0:
+            room = self.protect * budget
+            for k in np.argsort(-r, kind="stable"):
+                c = cost[sa[k] : sb[k]].sum()
+                if c > room:
+                    break
+                forced[sa[k] : sb[k]] = True
+                room -= c
         for k in np.argsort(-r, kind="stable")[: self.answer_keep]:
             u = sents[k]
             for s0, e0 in answer_spans(query, text[u.start : u.end]):
@@ -341,7 +355,7 @@ class TokensCompressor(Compressor):
                 seg_w[order[n_keep:]] = 0.0
         word_w = seg_w[seg_of_word]
         boost = np.ones(nw)
-        if query and self.query_boost > 0:
+        if query and query.strip():
             from ..retrievers.bm25 import tokenize_words
 
             from ..document import split_units
@@ -351,7 +365,7 @@ class TokensCompressor(Compressor):
             # Word index range [sa, sb) of each sentence, shared by the sentence-level weights below.
             sa = np.searchsorted(doc.ws, [u.start for u in sents], side="left")
             sb = np.searchsorted(doc.ws, [u.end for u in sents], side="left")
-            if qterms:
+            if qterms and self.query_boost > 0:
                 seen: dict[str, bool] = {}  # documents repeat words: stem each distinct one once
                 hit = np.zeros(nw, dtype=bool)
                 for k, (s, e) in enumerate(zip(doc.ws, doc.we)):
@@ -360,15 +374,15 @@ class TokensCompressor(Compressor):
                         seen[w] = bool(qterms.intersection(tokenize_words(w)))
                     hit[k] = seen[w]
                 boost = np.where(hit, 1.0 + self.query_boost, 1.0)
-                if self.sentence_boost > 0:
-                    # Answers sit in the sentence that shares the question's words: weight every word of a
-                    # sentence by the share of question terms it contains.
-                    for u, a, b in zip(sents, sa, sb):
-                        overlap = len(qterms.intersection(tokenize_words(text[u.start : u.end]))) / len(qterms)
-                        if overlap:
-                            boost[a:b] *= 1.0 + self.sentence_boost * overlap
-            if self.relevance_boost > 0 or self.answer_keep > 0:
-                self._relevance(text, doc, query, sents, sa, sb, boost, forced)
+            if qterms and self.sentence_boost > 0:
+                # Answers sit in the sentence that shares the question's words: weight every word of a
+                # sentence by the share of question terms it contains.
+                for u, a, b in zip(sents, sa, sb):
+                    overlap = len(qterms.intersection(tokenize_words(text[u.start : u.end]))) / len(qterms)
+                    if overlap:
+                        boost[a:b] *= 1.0 + self.sentence_boost * overlap
+            if self.relevance_boost > 0 or self.answer_keep > 0 or self.protect > 0:
+                self._relevance(text, doc, query, sents, sa, sb, cost, budget, boost, forced)
 
         p = self._priority(doc, info, cost, word_w, boost, forced)
         live = np.flatnonzero(p > 0)

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from conftest import shared_path
 from typer.testing import CliRunner
 
 from ctxc.cli import app
@@ -19,13 +20,6 @@ from pathlib import Path
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 FEMA = str(ROOT / "samples" / "fema_fire_management_grants.txt")
-
-
-def shared_path(*parts: str) -> Path:
-    """A file under ../shared; fails loudly (not skip) when it is missing."""
-    p = ROOT.parent.joinpath("shared", *parts)
-    assert p.exists(), f"{p} is missing: the tests expect ../shared beside the checkout"
-    return p
 
 
 def test_metrics():

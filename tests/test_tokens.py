@@ -4,9 +4,11 @@ tokens) so the real model runs in seconds."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+from conftest import shared_path
 from typer.testing import CliRunner
 
 from ctxc.api import compress
@@ -112,11 +114,25 @@ def test_answer_spans_of_the_relevant_sentence_stay_whole(lm, embedder, story_te
     haystack = "\n\n".join(paras[:4] + [needle] + paras[4:8])
     budget = get_tokenizer("cl100k").count(haystack) // 4
     res = compress(haystack, budget, method="tokens", query="When was the harbour safe sealed?",
-                   answer_keep=answer_keep)
+                   answer_keep=answer_keep, protect=0)
     assert res.output_tokens <= budget
     if answer_keep:
         assert "March 3, 1952" in res.text
     else:  # the option is what keeps the date whole: without it the small LM's scores decide alone
+        assert res.info["forced_words"] == 0
+
+
+@pytest.mark.parametrize("protect", [0.8, 0])
+def test_protect_keeps_the_most_relevant_sentence_whole(lm, embedder, protect):
+    # A real HotpotQA case that pure word pruning gets wrong: it keeps "won gold Winter Olympics" and drops
+    # "at the 2002", the answer's short, predictable words (no answer-type span covers "which winter Olympics").
+    lines = shared_path("data", "qa", "hotpotqa_distractor.jsonl").read_text().splitlines()
+    row = next(r for r in map(json.loads, lines) if r["id"] == "hotpotqa-5a801f215542992bc0c4a6b2")
+    context = "\n\n".join(f"{t}\n{c}" for t, c in zip(row["titles"], row["contexts"]))
+    res = compress(context, "x4", method="tokens", query=row["question"], protect=protect)
+    assert res.output_tokens <= res.budget
+    assert ("2002 Winter Olympics" in res.text) == bool(protect)
+    if not protect:
         assert res.info["forced_words"] == 0
 
 
