@@ -1,7 +1,9 @@
 """LM-scored token pruning (`tokens`) side by side with `extractive+tokens`, `extractive` and llmlingua.
 
   .venv/bin/python bench/bench_tokens.py [--per-file 6] [--max-tokens 6000] [--ratios 4 10] [--layers 4 8]
-                                         [--big 64000] [--threads N] [--llmlingua /tmp/ctxc-peers/venv/bin/python]
+                                         [--big 64000] [--threads N] [--methods NAME ...] [--no-scorer]
+                                         [--llmlingua /tmp/ctxc-peers/venv/bin/python] [--llmlingua-dump F]
+                                         [--llmlingua-time-box S]
                                          [--scorer-only] [--score-tokens 9216] [--score-layers 4 8] [--reps 3]
 
 First, the scorer itself, native (`ctxc.llama`, what `tokens` uses) vs transformers (`load_model`), in one run:
@@ -18,8 +20,16 @@ Columns: answer retention (answer string still in the output), output tokens / b
 throughput in input tokens per second of compression (model load excluded), scoring throughput of the LM pass
 (model tokens / seconds in the forward + fused NLL), and peak RSS. `--big N` adds one N-token document (haystack
 essays joined, needle in the middle) compressed 10x by `tokens`: the memory goal is <= 1.5 GB at 64k.
-llmlingua rows come from ../shared/peers/results-*.jsonl (reference runs on the same model and CPU, one 3.8k and one
-7.7k-token document) unless --llmlingua points at the peers venv's python, which re-runs it here on the QA inputs.
+llmlingua: with `--llmlingua PY` (the peers venv's python, ../shared/peers/SETUP.md), llmlingua 0.2.2 runs here on
+the same inputs and ratios, once per method (LLMLingua, LongLLMLingua; `bench/peer_llmlingua.py`, one process each,
+model loaded once, the peers' shims and recipe, rate = 1/ratio), and its outputs are scored by this harness exactly
+like ctxc's rows (answer kept, cl100k output tokens over the same budget ctxc got, cl100k input tokens per second of
+compress_prompt, load s, peak RSS) in the same table. Its output is not cut to the budget, so out/budget can exceed
+1. Below the table: llmlingua's crashes, budget misses and broken words (output words found nowhere in the input:
+"glued", pieces of several words joined without a space, or "cut", a piece of one word); `--llmlingua-dump PATH`
+keeps its outputs; `--llmlingua-time-box S` stops each method after S seconds (shortest inputs first; its rows
+then cover fewer inputs than ctxc's, see `n`). Without --llmlingua, the stored reference runs in
+../shared/peers/results-*.jsonl (same model and CPU, one 3.8k and one 7.7k-token document) are printed instead.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -100,6 +111,11 @@ def big_input(n_tokens: int) -> dict:
             "context": insert_at_depth(doc, needle, 0.5)}
 
 
+def budget_spec(ratio: int) -> str:
+    """The budget every method gets at `ratio` (resolved by ctxc on the cl100k input count)."""
+    return f"x{ratio}"
+
+
 # ----------------------------------------------------------------------------------------------------- worker
 def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
@@ -125,7 +141,7 @@ def worker(spec_path: str) -> None:
     for ex in spec["examples"]:
         for r in spec["ratios"]:
             t0 = time.perf_counter()
-            res = ctxc.compress(ex["context"], f"x{r}", query=ex["question"], **opts)
+            res = ctxc.compress(ex["context"], budget_spec(r), query=ex["question"], **opts)
             dt = time.perf_counter() - t0
             info = res.info or {}
             print(json.dumps({"id": ex["id"], "set": ex["set"], "ratio": r, "kept": answer_in(res.text, ex["answers"]),
@@ -159,6 +175,77 @@ def run_worker(name: str, opts: dict, examples: list[dict], ratios: list[int], t
 
 
 # ------------------------------------------------------------------------------------------------ llmlingua
+LLMLINGUA_METHODS = {"llmlingua": "LLMLingua", "longllmlingua": "LongLLMLingua"}
+WORD = re.compile(r"\w+")
+
+
+def run_llmlingua(py: str, method: str, examples: list[dict], ratios: list[int], threads: int | None,
+                  time_box: float | None = None) -> dict:
+    """Run bench/peer_llmlingua.py with the peers venv's python `py`, then score its outputs like ctxc's rows."""
+    from ctxc.budget import Budget
+    from ctxc.tokenizers import get_tokenizer
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump({"method": method, "ratios": ratios, "threads": threads, "time_box_s": time_box,
+                   "examples": [{k: ex[k] for k in ("id", "context", "question")} for ex in examples]}, fh)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    try:
+        proc = subprocess.run([py, str(HERE / "peer_llmlingua.py"), fh.name], capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(fh.name)
+    raw, tail = [], {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            (tail.update(d) if d.get("done") else raw.append(d))
+    if proc.returncode != 0 or not tail:
+        print(f"[llmlingua {method}] driver failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    tok = get_tokenizer("cl100k")
+    by_id = {ex["id"]: ex for ex in examples}
+    rows, errors, outputs = [], [], []
+    for d in raw:
+        ex = by_id[d["id"]]
+        if "error" in d:
+            errors.append(d)
+            continue
+        n_in = tok.count(ex["context"])
+        text = d["text"]
+        # Output words that occur nowhere in the input: a piece of one input word ("cut", e.g. "enic" from
+        # "Scenic") or pieces of several joined without a space ("glued", e.g. "theways"; LLMLingua's known bug).
+        in_words = set(WORD.findall(ex["context"].lower()))
+        odd = [w for w in WORD.findall(text.lower()) if w not in in_words]
+        cut = [w for w in odd if any(w in iw for iw in in_words)]
+        rows.append({"id": d["id"], "set": ex["set"], "ratio": d["ratio"], "kept": answer_in(text, ex["answers"]),
+                     "out": tok.count(text), "budget": Budget.parse(budget_spec(d["ratio"])).resolve(n_in),
+                     "inp": n_in, "sec": d["sec"], "odd_words": odd, "glued": [w for w in odd if w not in cut],
+                     "cut": cut})
+        outputs.append({"id": d["id"], "ratio": d["ratio"], "text": text})
+    if tail.get("load_s") is None:  # stopped before the model was loaded (or the driver died)
+        tail["load_s"] = float("nan")
+    name = f"llmlingua {tail.get('version') or '?'} ({LLMLINGUA_METHODS[method]})"
+    return {"name": name, "rows": rows, "errors": errors, "outputs": outputs, "stderr": proc.stderr, **tail}
+
+
+def llmlingua_notes(res: dict) -> str:
+    """Crashes, budget misses and non-input words (glued/cut words) of one llmlingua run, for under the table."""
+    rows = res["rows"]
+    over = [x for x in rows if x["out"] > x["budget"]]
+    n_words = sum(len(WORD.findall(o["text"])) for o in res["outputs"])
+    lines = [f"- {res['name']}: {len(rows)} outputs, {len(res['errors'])} crashes, {len(over)} over the budget "
+             f"(worst {max((x['out'] / x['budget'] for x in rows), default=0):.2f}x), threads "
+             f"{res.get('n_threads', '?')}" + (", CUT SHORT by the time box (shortest inputs first)"
+                                               if res.get("interrupted") else "")]
+    for kind in ("glued", "cut"):
+        hit = [x for x in rows if x[kind]]
+        n = sum(len(x[kind]) for x in rows)
+        sample = ", ".join(repr(w) for w in [w for x in hit for w in x[kind]][:10])
+        lines.append(f"  - {kind} words: {n} of {n_words} output words ({n / max(1, n_words):.1%}) in {len(hit)} of "
+                     f"{len(rows)} outputs" + (f", e.g. {sample}" if sample else ""))
+    for e in res["errors"][:5]:
+        lines.append(f"  - crash on {e['id']} at {e['ratio']}x: {e['error'][:200]}")
+    return "\n".join(lines)
+
+
 def llmlingua_reference() -> list[dict]:
     out = []
     for f in sorted((SHARED.parent / "peers").glob("results-*.jsonl")):
@@ -336,6 +423,11 @@ def main() -> None:
     ap.add_argument("--score-tokens", type=int, default=9216, help="tokens per scoring pass in the scorer table")
     ap.add_argument("--score-layers", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--llmlingua", metavar="PY",
+                    help="the peers venv's python (../shared/peers/SETUP.md): run llmlingua 0.2.2 on the same inputs")
+    ap.add_argument("--llmlingua-dump", metavar="PATH", help="write llmlingua's outputs here (JSON lines)")
+    ap.add_argument("--llmlingua-time-box", type=float, metavar="S",
+                    help="stop each llmlingua method after S seconds (it goes shortest input first); default: none")
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker)
@@ -354,8 +446,25 @@ def main() -> None:
         t0 = time.perf_counter()
         results.append(run_worker(name, opts, examples, args.ratios, args.threads))
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    print(fmt_table(results, args.ratios))
-    ref = llmlingua_reference()
+    peers = []
+    if args.llmlingua:
+        for method in LLMLINGUA_METHODS:
+            t0 = time.perf_counter()
+            peers.append(run_llmlingua(args.llmlingua, method, examples, args.ratios, args.threads,
+                                       args.llmlingua_time_box))
+            print(f"  llmlingua {method}: {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr)
+    print(fmt_table(results + peers, args.ratios))
+    if peers:
+        print("\nllmlingua (run here, SmolLM2-135M fp32 via the peers' shims; out/budget in cl100k, not cut to the "
+              "budget):\n")
+        print("\n".join(llmlingua_notes(p) for p in peers))
+        if args.llmlingua_dump:
+            with open(args.llmlingua_dump, "w", encoding="utf-8") as fh:
+                for p in peers:
+                    for o, x in zip(p["outputs"], p["rows"]):
+                        fh.write(json.dumps({"method": p["name"], **o, "glued": x["glued"], "cut": x["cut"]}) + "\n")
+    ref = llmlingua_reference() if not args.llmlingua else []
     if ref:
         print("\nllmlingua 0.2.2 reference runs (../shared/peers/results-*.jsonl: SmolLM2-135M fp32, 2 CPUs, "
               "keep 0.25 = 4x, question 'What does MAELRE stand for?'):\n")
