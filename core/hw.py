@@ -96,3 +96,26 @@ def lm_threads():
     finally:
         if want != have:
             torch.set_num_threads(have)
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+    return lib if hasattr(lib, "malloc_trim") else None
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Scoring a long document allocates activations of many sizes, batch after batch; glibc keeps what is freed in
+    a fragmented heap, so the resident size creeps up with every batch (measured: +500 MB over a 64k-token input)
+    even though the live tensors stay the same size. Trimming after each batch keeps the peak at one batch's worth.
+    """
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)

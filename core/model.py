@@ -575,7 +575,7 @@ def token_surprisal(lm: "LoadedModel", seqs: list[list[int]], layers: int | None
     out: list = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     pad = getattr(lm.tokenizer.hf, "pad_token_id", None) or 0
-    from .hw import lm_threads
+    from .hw import lm_threads, trim_heap
 
     # lm_threads: one thread when other processes hold the cores (2 threads then stall on each other at every op).
     with _SCORE_LOCK, layer_ctx, torch.inference_mode(), lm_threads():
@@ -599,6 +599,8 @@ def token_surprisal(lm: "LoadedModel", seqs: list[list[int]], layers: int | None
                 out[j] = np.concatenate([[np.nan], nll[pos : pos + k]]).astype(np.float32) if lens[r] else \
                     np.zeros(0, np.float32)
                 pos += k
+            del hidden, nll
+            trim_heap()
     return out
 
 
