@@ -152,16 +152,13 @@ def worker(spec_path: str) -> None:
     print(json.dumps({"done": True, "peak_rss_mb": rss, "load_s": load_s}), flush=True)
 
 
-def run_worker(name: str, opts: dict, examples: list[dict], ratios: list[int], threads: int | None) -> dict:
-    opts = dict(opts)
-    env = dict(os.environ)
-    if "scorer" in opts:  # which scoring backend the worker's `tokens` uses
-        env["CTXC_SCORER"] = opts.pop("scorer")
+def run_json_lines(cmd: list[str], spec: dict, env: dict) -> tuple[subprocess.CompletedProcess, list[dict], dict]:
+    """Run `cmd SPEC.json` (spec written to a temp file); returns the process, its JSON-line rows, and the merged
+    `{"done": true, ...}` tail line(s)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump({"opts": opts, "examples": examples, "ratios": ratios, "threads": threads}, fh)
+        json.dump(spec, fh)
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", fh.name], capture_output=True, text=True,
-                              env=env)
+        proc = subprocess.run([*cmd, fh.name], capture_output=True, text=True, env=env)
     finally:
         os.unlink(fh.name)
     rows, tail = [], {}
@@ -169,6 +166,16 @@ def run_worker(name: str, opts: dict, examples: list[dict], ratios: list[int], t
         if line.startswith("{"):
             d = json.loads(line)
             (tail.update(d) if d.get("done") else rows.append(d))
+    return proc, rows, tail
+
+
+def run_worker(name: str, opts: dict, examples: list[dict], ratios: list[int], threads: int | None) -> dict:
+    opts = dict(opts)
+    env = dict(os.environ)
+    if "scorer" in opts:  # which scoring backend the worker's `tokens` uses
+        env["CTXC_SCORER"] = opts.pop("scorer")
+    spec = {"opts": opts, "examples": examples, "ratios": ratios, "threads": threads}
+    proc, rows, tail = run_json_lines([sys.executable, __file__, "--worker"], spec, env)
     if proc.returncode != 0:
         print(f"[{name}] worker failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
     return {"name": name, "rows": rows, **tail}
@@ -185,19 +192,10 @@ def run_llmlingua(py: str, method: str, examples: list[dict], ratios: list[int],
     from ctxc.budget import Budget
     from ctxc.tokenizers import get_tokenizer
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump({"method": method, "ratios": ratios, "threads": threads, "time_box_s": time_box,
-                   "examples": [{k: ex[k] for k in ("id", "context", "question")} for ex in examples]}, fh)
+    spec = {"method": method, "ratios": ratios, "threads": threads, "time_box_s": time_box,
+            "examples": [{k: ex[k] for k in ("id", "context", "question")} for ex in examples]}
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    try:
-        proc = subprocess.run([py, str(HERE / "peer_llmlingua.py"), fh.name], capture_output=True, text=True, env=env)
-    finally:
-        os.unlink(fh.name)
-    raw, tail = [], {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            d = json.loads(line)
-            (tail.update(d) if d.get("done") else raw.append(d))
+    proc, raw, tail = run_json_lines([py, str(HERE / "peer_llmlingua.py")], spec, env)
     if proc.returncode != 0 or not tail:
         print(f"[llmlingua {method}] driver failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
     tok = get_tokenizer("cl100k")
