@@ -140,10 +140,12 @@ class ExtractiveCompressor(SpanSelector):
             s = self._centrality_scores(texts, units)
         return s
 
-    def _fused(self, texts: list[str], query: str, q_vec: "np.ndarray | None", prefilter: int | None = None) -> np.ndarray:
-        """BM25 fused with dense similarity for `texts`; only the best BM25 hits (and neighbours) are embedded."""
+    def _fused(self, texts: list[str], query: str, q_vec: "np.ndarray | None", prefilter: int | None = None,
+               bm25: BM25 | None = None) -> np.ndarray:
+        """BM25 fused with dense similarity for `texts`; only the best BM25 hits (and neighbours) are embedded.
+        `bm25`: an index already built over `texts`, to reuse."""
         n = len(texts)
-        bm = BM25(texts).scores(query).astype(np.float64)
+        bm = (bm25 if bm25 is not None else BM25(texts)).scores(query).astype(np.float64)
         bm_n = bm / bm.max() if bm.max() > 0 else np.zeros(n)
         if self.dense_weight <= 0 or q_vec is None:
             return bm_n
@@ -163,14 +165,15 @@ class ExtractiveCompressor(SpanSelector):
         q_vec = self._embed([query])[0] if self.dense_weight > 0 else None
         sents = split_units(text)
         sent_texts = [u.text(text) for u in sents]
-        sent_score = self._fused(sent_texts, query, q_vec)
+        sent_bm25 = BM25(sent_texts)  # the second (multi-hop) pass below queries the same index
+        sent_score = self._fused(sent_texts, query, q_vec, bm25=sent_bm25)
         para_ids = sorted({u.para for u in sents})
         if self.hop_weight > 0 and len(para_ids) > 1:
             from ._answer_type import bridge_terms
 
             terms = bridge_terms(query, [sent_texts[i] for i in np.argsort(-sent_score, kind="stable")[:3]])
             if terms:
-                hop = BM25(sent_texts).scores(" ".join(terms)).astype(np.float64)
+                hop = sent_bm25.scores(" ".join(terms)).astype(np.float64)
                 if hop.max() > 0:
                     sent_score = sent_score + self.hop_weight * hop / hop.max()
         para_spans = {p: (min(u.start for u in sents if u.para == p), max(u.end for u in sents if u.para == p))
@@ -181,9 +184,10 @@ class ExtractiveCompressor(SpanSelector):
             ps = self._fused([text[a:b][:1200] for a, b in para_spans.values()], query, q_vec, prefilter=32)
             para_score[list(para_spans)] = ps
         starts = np.array([u.start for u in sents])
+        unit_texts = [u.text(text) for u in units]
         own = sent_score
         if any(u.level != "sentence" for u in units):
-            own = self._fused([u.text(text) for u in units], query, q_vec)
+            own = self._fused(unit_texts, query, q_vec)
             parent = np.clip(np.searchsorted(starts, [u.start for u in units], side="right") - 1, 0, len(sents) - 1)
             own = 0.5 * own + 0.5 * sent_score[parent]
         fused = own + self.paragraph_weight * para_score[[u.para for u in units]]
@@ -197,7 +201,6 @@ class ExtractiveCompressor(SpanSelector):
         if self.answer_weight > 0 or self.restate_penalty > 0:
             from ._answer_type import candidates, novel_words
 
-            unit_texts = [u.text(text) for u in units]
             cand = np.array(candidates(query, unit_texts), dtype=np.float64)
             restates = np.array([novel_words(query, t) < 2 for t in unit_texts], dtype=np.float64)
             smoothed = smoothed * (1 + self.answer_weight * cand) * (1 - self.restate_penalty * restates)
