@@ -48,3 +48,10 @@ def haystack(name: str) -> str:
 
 def haystack_names() -> list[str]:
     return sorted(p.name for p in (SHARED / "haystack").glob("*.txt"))
+
+
+def insert_at_depth(doc: str, needle: str, depth: float) -> str:
+    """`doc` with `needle` as its own paragraph at `depth` (0 = first, 1 = last) of its paragraphs."""
+    paras = doc.split("\n\n")
+    k = max(0, min(len(paras), round(depth * len(paras))))
+    return "\n\n".join(paras[:k] + [needle] + paras[k:])

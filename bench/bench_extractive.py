@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _data import answer_in, haystack, haystack_names, qa_examples  # noqa: E402
+from _data import answer_in, haystack, haystack_names, insert_at_depth, qa_examples  # noqa: E402
 
 import ctxc  # noqa: E402
 
@@ -43,12 +43,6 @@ NEEDLES = [
     ("Captain Imogen Vale named her first sailboat the Quiet Heron.",
      "What did Captain Imogen Vale name her first sailboat?", "Quiet Heron"),
 ]
-
-
-def insert_at_depth(doc: str, needle: str, depth: float) -> str:
-    paras = doc.split("\n\n")
-    k = max(0, min(len(paras), round(depth * len(paras))))
-    return "\n\n".join(paras[:k] + [needle] + paras[k:])
 
 
 def run_qa(examples, ratios, rows):

@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _data import SHARED, answer_in, haystack, haystack_names, qa_examples  # noqa: E402
+from _data import SHARED, answer_in, haystack, haystack_names, insert_at_depth, qa_examples  # noqa: E402
 
 NEEDLES = [
     ("The access code for the Halvorsen observatory vault is 7319-KESTREL.",
@@ -68,12 +68,6 @@ def method_configs(layers: list[int]) -> dict[str, dict]:
     cfg["extractive+tokens"] = dict(method="extractive+tokens")
     cfg["extractive"] = dict(method="extractive")
     return cfg
-
-
-def insert_at_depth(doc: str, needle: str, depth: float) -> str:
-    paras = doc.split("\n\n")
-    k = max(0, min(len(paras), round(depth * len(paras))))
-    return "\n\n".join(paras[:k] + [needle] + paras[k:])
 
 
 def build_inputs(per_file: int, max_tokens: int) -> list[dict]:
