@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -47,14 +48,19 @@ def _global(
     for name, value in (("CTXC_MODEL", model), ("CTXC_DEVICE", device), ("CTXC_DTYPE", dtype)):
         if value:
             os.environ[name] = value
-    from ..config import ConfigError, export_env
+    from ..config import WARNINGS, ConfigError, export_env
+    from ..errors import CtxcError
 
     try:
         export_env()
-    except ConfigError as err:
+    except (ConfigError, CtxcError) as err:
         from ._common import die
 
         raise die(err.one_line(), err.exit_code) from None
+    from ..textio import printable
+
+    for note in WARNINGS:
+        typer.echo(f"ctxc: warning: {printable(note)}", err=True)
 
 
 # Each module registers its commands on `app` when imported; heavy imports stay inside the commands.
@@ -80,4 +86,12 @@ _keep_example_blocks(app)
 
 
 def main() -> None:
-    app()
+    from ._common import finish_stdout
+
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    failed = finish_stdout()
+    sys.exit(failed if failed is not None and code == 0 else code)

@@ -14,8 +14,12 @@ class CtxcError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
+        """The message and the fix on one line, control characters escaped (messages quote names and paths that
+        came from files)."""
+        from .textio import printable
+
         text = f"{self.message}" + (f" ({self.hint})" if self.hint else "")
-        return " ".join(text.split())
+        return printable(" ".join(text.split()))
 
 
 class InputError(CtxcError):
