@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,10 @@ from .. import __version__
 from ..errors import CacheError, InputError
 from . import engine
 from .engine import Settings
-from .format import FORMAT_TAG, FORMAT_VERSION, MANIFEST, TENSORS, dtype_name, read_manifest, read_tensor_file, \
-    sha256_bytes, tensor_sha256
+from ..paths import remove_tree
+from .format import FORMAT_TAG, FORMAT_VERSION, MANIFEST, TENSORS, address, dtype_name, read_manifest, \
+    read_tensor_file, sha256_bytes, tensor_sha256
 from .store import CartridgeStore
-
-ID_CHARS = 32
 
 
 @dataclass
@@ -34,6 +32,7 @@ class BuildResult:
     manifest: dict
     reused: bool
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what was found and done about it (a damaged copy rebuilt, ...)
 
 
 @dataclass
@@ -96,11 +95,36 @@ def document_sha(text: str) -> str:
 
 
 def cartridge_id(lm, doc_sha: str, settings: Settings) -> str:
-    """The content address: everything that determines the stored tensors, hashed."""
-    before, after, style = engine.prompt_parts(lm)
-    key = {"format_version": FORMAT_VERSION, "model": lm.fingerprint, "tokenizer": lm.tokenizer.fingerprint,
-           "dtype": dtype_name(lm.dtype), "document": doc_sha, "template": [before, style], **settings.key()}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:ID_CHARS]
+    """The content address: everything that determines the stored tensors, hashed (see `format.address`)."""
+    before, _, style = engine.prompt_parts(lm)
+    return address(lm.fingerprint, lm.tokenizer.fingerprint, dtype_name(lm.dtype), doc_sha, before, style,
+                   settings.key())
+
+
+def _usable(store: CartridgeStore, cid: str, lm, text: str, notes: list[str]) -> bool:
+    """Whether the stored cartridge `cid` may stand for `text`: intact (every checksum), and, when it was imported
+    rather than built here, its tensors checked against the document (`engine.check_document`). A cartridge that
+    fails is removed, with a note saying why, so that the caller builds it again."""
+    short = cid[:12]
+    problem = store.check(cid)
+    if problem is None and store.origin(cid) is not None:
+        m = read_manifest(store.path(cid), cid)
+        try:
+            check_compatible(m, lm, cid)
+            tensors = read_tensor_file(store.path(cid), m, cid)
+            problem = engine.check_document(lm, tensors, m, engine.document_ids(lm, text)[0])
+        except CacheError as err:
+            problem = err.message
+        if problem is None:
+            store.mark_checked(cid)
+            notes.append(f"cartridge {short} (imported) checked against the document: it matches")
+        else:
+            problem = f"it was imported and does not belong to this document: {problem}"
+    if problem is None:
+        return True
+    notes.append(f"cartridge {short} was not reused: {problem}; it was removed")
+    store._remove_dir(store.path(cid))
+    return False
 
 
 def _kv_shape(lm) -> tuple[int, int, int]:
@@ -143,15 +167,16 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
                          "pick a smaller power of two")
     doc_sha = document_sha(text)
     cid = cartridge_id(lm, doc_sha, settings)
+    notes: list[str] = []
     with store.lock(cid):
-        if store.exists(cid):
+        if (store.exists(cid) or os.path.lexists(store.path(cid))) and _usable(store, cid, lm, text, notes):
             m = read_manifest(store.path(cid), cid)
             store.touch(cid)
             store.set_name(cid, name)
             if progress:
                 progress(m.get("tokens", 0))
             return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), True,
-                               time.perf_counter() - t0)
+                               time.perf_counter() - t0, notes)
         needs_window = settings.evict != "none"
         if prefilled is None or prefilled.text != text or (needs_window and prefilled.window < settings.window):
             prefilled = prefill_document(text, lm=lm, window=settings.window if settings.evict != "none" else 0,
@@ -165,7 +190,9 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
         del cache, queries, prefilled
         from safetensors.torch import save as st_save
 
-        data = st_save(tensors, metadata={"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "id": cid})
+        # One metadata key: safetensors writes metadata from a hash map, so several keys come out in a different order
+        # from one run to the next, and identical tensors would make files with different checksums.
+        data = st_save(tensors, metadata={"ctxc": f"{FORMAT_TAG} v{FORMAT_VERSION} {cid}"})
         tensor_info = {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": tensor_sha256(t)}
                        for k, t in sorted(tensors.items())}
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -213,11 +240,12 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
             store.commit(tmp, cid)
         finally:
             if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(store.root, tmp)
         store.touch(cid)
     if name:
         store.set_name(cid, name)
-    return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), False, time.perf_counter() - t0)
+    return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), False, time.perf_counter() - t0,
+                       notes)
 
 
 def check_compatible(m: dict, lm, cid: str) -> None:
@@ -287,8 +315,14 @@ class _Streamer:
 def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store: CartridgeStore | None = None,
         on_text: Callable[[str], None] | None = None, prefill: bool = False, encoding: str | None = None,
         chunk_size: int = engine.DEFAULT_CHUNK) -> AskResult:
-    """Answer `question` about a cartridge (id, unique id prefix or name) or, failing that, a text file (prefilled
-    first: the baseline). `prefill=True` always treats `target` as a file. Streams text pieces to `on_text`.
+    """Answer `question` about a document, from a cartridge when one can stand for it, else after a fresh prefill.
+
+    `target` is resolved like this: an existing file is taken by its *content*: a cartridge built from exactly this
+    text (same model) answers, so a file changed since its cartridge was built gets a fresh prefill, never the old
+    answer (a note in `stats["notes"]` says so); an imported cartridge is first checked against the text. Anything
+    else is a cartridge id, unique id prefix or name. `prefill=True` always prefills the file (the baseline).
+    The document and question must fit the model's context; that is checked before anything runs through the model.
+    Streams text pieces to `on_text`.
 
     `stats` holds load_s (model load), ttft_s (from the end of model loading to the first new token),
     prefill_tokens (tokens run through the model before the first token), new_tokens and tokens_per_s (decode rate
@@ -298,35 +332,38 @@ def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {max_new_tokens} is not positive", "use e.g. --max-new-tokens 128")
     store = store or CartridgeStore()
-    cid = None if prefill else store.find(target)
-    text = None
-    if cid is None:
-        p = Path(target)
-        if not p.exists():
-            raise InputError(f"{target!r} is neither a cartridge nor a file",
-                             "list cartridges with `ctxc cache ls`, or pass a text file")
-        text = read_text(p, encoding)
+    p = Path(target)
+    is_file = p.is_file()
+    cid = None if (prefill or is_file) else store.find(target)
+    if cid is None and not is_file:
+        raise InputError(f"{target!r} is neither a cartridge nor a file",
+                         "list cartridges with `ctxc cache ls`, or pass a text file")
+    text = read_text(p, encoding) if is_file else None
     t_load = time.perf_counter()
     lm = _model(lm)
     load_s = time.perf_counter() - t_load  # ~0 when this process already holds the model
     q_ids = engine.question_ids(lm, question)
-    gen = engine.Generation(t0=time.perf_counter())
+    notes: list[str] = []
+    ids = None
+    if text is not None:
+        ids, _ = engine.document_ids(lm, text)
+        _check_fits(lm, len(ids), len(q_ids), str(target))
+        if not prefill:
+            cid = _cartridge_for(store, lm, text, p, notes)
     stats: dict = {}
+    gen = engine.Generation(t0=time.perf_counter())
     if cid is not None:
         c = load(cid, lm=lm, store=store)
+        _check_fits(lm, c.position, len(q_ids), f"cartridge {cid[:12]}")
         cache, position, cache_tokens = c.cache, c.position, c.kept
         stats.update(source="cartridge", cartridge=cid, load_cartridge_s=round(c.seconds, 4))
         gen.prefill_tokens = len(q_ids)
     else:
-        ids, _ = engine.document_ids(lm, text)
         cache, _, _ = engine.prefill(lm, ids, chunk_size=chunk_size)
         position = cache_tokens = len(ids)
         stats.update(source="prefill", path=str(target))
         gen.prefill_tokens = len(ids) + len(q_ids)
     room = lm.max_context - position - len(q_ids)
-    if room < 1:
-        raise InputError(f"the document and question take {position + len(q_ids):,} tokens, the model's context is "
-                         f"{lm.max_context:,}", "ask a shorter question or use a shorter document")
     streamer = _Streamer(lm.tokenizer, on_text)
     for tid in engine.greedy(lm, cache, q_ids, position, min(max_new_tokens, room), gen):
         streamer.push(tid)
@@ -336,4 +373,32 @@ def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store
     stats = {"load_s": round(load_s, 4), "ttft_s": round(gen.ttft or 0.0, 4), "prefill_tokens": gen.prefill_tokens,
              "new_tokens": n_new, "tokens_per_s": round((n_new - 1) / decode_s, 2) if n_new > 1 and decode_s > 0
              else 0.0, "cache_tokens": cache_tokens, **stats}
+    if notes:
+        stats["notes"] = notes
     return AskResult(answer, stats, list(gen.new_ids))
+
+
+def _check_fits(lm, doc_tokens: int, question_tokens: int, what: str) -> None:
+    if doc_tokens + question_tokens + 1 > lm.max_context:
+        raise InputError(f"{what} and the question take {doc_tokens + question_tokens:,} tokens; the model's context "
+                         f"is {lm.max_context:,}", "shorten the document first (ctxc compress --budget ...)")
+
+
+def _cartridge_for(store: CartridgeStore, lm, text: str, path: Path, notes: list[str]) -> str | None:
+    """A stored cartridge that can answer for exactly `text` with this model, or None (then the caller prefills).
+    When the file's name belongs to a cartridge of other content, a note says that cartridge is stale."""
+    doc_sha = document_sha(text)
+    for e in store.by_document(doc_sha):
+        m = e.manifest
+        if m["model"]["fingerprint"] != lm.fingerprint or m["tokenizer"]["fingerprint"] != lm.tokenizer.fingerprint:
+            continue
+        with store.lock(e.id):
+            if store.exists(e.id) and _usable(store, e.id, lm, text, notes):
+                return e.id
+    for name in dict.fromkeys([path.name, str(path)]):
+        named = store.by_name(name)
+        if named:
+            notes.append(f"cartridge {named[:12]} named {name!r} was built from other content (the file changed "
+                         f"since): answered from a fresh prefill; rebuild it with `ctxc cache build {path}`")
+            break
+    return None

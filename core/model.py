@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
-from .paths import ctxc_home
+from .paths import ctxc_home, remove_tree
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_FORMAT = 2
@@ -171,7 +170,7 @@ def verify_model(spec: str | os.PathLike | None = None) -> dict:
     d, digest = _cache_dir_for(p)
     ok = _cache_is_valid(d, digest, full=True)
     if not ok and d.exists():
-        shutil.rmtree(d, ignore_errors=True)
+        remove_tree(d.parent, d)
     return {"path": str(d), "ok": ok, "checked": "full"}
 
 
@@ -215,8 +214,8 @@ def converted_gguf_dir(gguf: Path) -> Path:
     from .hw import quiet_hf
 
     quiet_hf()  # imports transformers' logging (~0.5 s): only when converting
-    if d.exists():
-        shutil.rmtree(d, ignore_errors=True)  # damaged or partial: rebuild
+    if os.path.lexists(d):
+        remove_tree(d.parent, d)  # damaged or partial: rebuild
     import torch
     from filelock import FileLock
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -254,7 +253,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
             os.replace(tmp, d)
         finally:
             if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(d.parent, tmp)
     return d
 
 
@@ -298,15 +297,17 @@ def _dtype_variant(d: Path, torch_dtype) -> Path:
         meta = json.loads((d / "ctxc-model.json").read_text())
         if f"{name}/model.safetensors" in meta["files"] and (v / "config.json").is_file():
             return v
-        shutil.rmtree(v, ignore_errors=True)
+        if os.path.lexists(v):
+            remove_tree(d, v)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=d))
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).to(torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32,
+                                                         use_safetensors=True).to(torch_dtype)
             model.save_pretrained(tmp, safe_serialization=True)
             os.replace(tmp, v)
         finally:
             if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(d, tmp)
         write_cache_meta(d, Path(meta.get("source", "")), meta["source_sha256"])
     return v
 
@@ -388,7 +389,8 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
 
     load_dir = _weights_dir(source, d, torch_dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(load_dir), dtype=torch_dtype)
+        # safetensors only: a model folder's *.bin weights would be unpickled.
+        model = AutoModelForCausalLM.from_pretrained(str(load_dir), dtype=torch_dtype, use_safetensors=True)
     except Exception as err:
         raise ModelError(
             f"cannot load model {source}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",

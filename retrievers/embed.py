@@ -44,7 +44,9 @@ class Embedder:
 
         self.device = default_device(device)
         try:
-            self.model = SentenceTransformer(self.path, device=self.device, local_files_only=True)
+            # safetensors only (a folder's *.bin weights would be unpickled); no code from the folder.
+            self.model = SentenceTransformer(self.path, device=self.device, local_files_only=True, trust_remote_code=False,
+                                             model_kwargs={"use_safetensors": True})
         except Exception as err:
             raise ModelError(
                 f"cannot load embedder {self.path}: {type(err).__name__}: {str(err).splitlines()[0][:160]}",

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ctxc.cache_store import CartridgeStore, ask, build, load
 from ctxc.cache_store import engine
-from ctxc.cache_store.format import MANIFEST, TENSORS
+from ctxc.cache_store.format import MANIFEST, TENSORS, manifest_address
 from ctxc.errors import CacheError, InputError
 from ctxc.kernels.kv_quant import dequantize_torch, error_bound, quantize_torch
 
@@ -195,7 +195,8 @@ def test_eviction_with_positions_continues_rope(lm, store, doc):
         c = load(ref, lm=lm, store=store)
         p = torch.arange(position, position + q.shape[1])[None]
         with torch.inference_mode():
-            return lm.model(input_ids=q, past_key_values=c.cache, position_ids=p, use_cache=True).logits[0].float()
+            return lm.model(input_ids=q, position_ids=p, use_cache=True,
+                            **{engine._cache_kw(lm.model): c.cache}).logits[0].float()
 
     full = logits(build(doc, lm=lm, store=store).id, m["tokens"])
     right = logits(built.id, m["tokens"])
@@ -292,10 +293,11 @@ def _tar_with(path: Path, members: dict[str, bytes]) -> Path:
 def test_import_refuses_bad_archives(store, tmp_path):
     with pytest.raises(CacheError, match="unexpected entry"):
         store.import_tar(_tar_with(tmp_path / "a.tar", {"../evil/manifest.json": b"{}"}))
-    with pytest.raises(CacheError, match="complete"):
+    with pytest.raises(CacheError, match="unexpected entry"):  # not a 32-hex id
         store.import_tar(_tar_with(tmp_path / "b.tar", {"abc/manifest.json": b"{}"}))
+    cid = "0123456789abcdef" * 2
     with pytest.raises(CacheError, match="not a ctxc cartridge"):
-        store.import_tar(_tar_with(tmp_path / "c.tar", {"abc/manifest.json": b"{}", "abc/kv.safetensors": b"x"}))
+        store.import_tar(_tar_with(tmp_path / "c.tar", {f"{cid}/manifest.json": b"{}", f"{cid}/kv.safetensors": b"x"}))
     (tmp_path / "d.tar").write_bytes(b"not a tar at all" * 10)
     with pytest.raises(CacheError, match="not a tar"):
         store.import_tar(tmp_path / "d.tar")
@@ -358,20 +360,37 @@ def test_newer_format_version(lm, store, built_small):
         load(built_small.id, lm=lm, store=store)
 
 
+def _readdress(store, cid: str) -> str:
+    """Give a cartridge whose manifest was edited the id its new content addresses (a self-consistent cartridge,
+    as one built by another model would be), renaming its folder."""
+    m = json.loads((store.path(cid) / MANIFEST).read_text())
+    m["id"] = manifest_address(m)
+    (store.path(cid) / MANIFEST).write_text(json.dumps(m))
+    store.path(cid).rename(store.path(m["id"]))
+    return m["id"]
+
+
 def test_foreign_model_and_tokenizer(lm, store, built_small):
+    # An edited fingerprint no longer matches the id: the manifest is refused as forged before anything else.
     _rewrite_manifest(built_small, model__fingerprint="0" * 32)
+    with pytest.raises(CacheError, match="not the content address"):
+        load(built_small.id, lm=lm, store=store)
+    # A consistent cartridge of another model or tokenizer is refused as such.
+    other = _readdress(store, built_small.id)
     with pytest.raises(CacheError, match="another model"):
-        load(built_small.id, lm=lm, store=store)
-    _rewrite_manifest(built_small, model__fingerprint=lm.fingerprint, tokenizer__fingerprint="hf:0000")
+        load(other, lm=lm, store=store)
+    m = json.loads((store.path(other) / MANIFEST).read_text())
+    m["model"]["fingerprint"], m["tokenizer"]["fingerprint"] = lm.fingerprint, "hf:0000"
+    (store.path(other) / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(CacheError, match="another tokenizer"):
-        load(built_small.id, lm=lm, store=store)
+        load(_readdress(store, other), lm=lm, store=store)
 
 
 def test_tensor_mismatch_with_manifest(lm, store, built_small):
     m = json.loads((built_small.path / MANIFEST).read_text())
     name = sorted(m["tensors"])[0]
     _rewrite_manifest(built_small, **{f"tensors__{name}__shape": [1, 2, 3]})
-    with pytest.raises(CacheError, match="shape"):
+    with pytest.raises(CacheError, match=r"inconsistent: tensor layers\.0\.k\.codes is \[1, 2, 3\]"):
         load(built_small.id, lm=lm, store=store)
 
 
