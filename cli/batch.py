@@ -103,7 +103,7 @@ def batch(
     try:
         summary = run_batch(in_dir, out_dir, settings, include=include or config.get("include"),
                             exclude=exclude or config.get("exclude"), queries=per_file, jobs=n_jobs, engine=eng,
-                            address=address or config.get("ray_address"), force=force, on_plan=on_plan,
+                            address=address, force=force, on_plan=on_plan,
                             on_result=on_result)
     finally:
         if bar is not None and task is not None:  # stopping a bar that never started would print a blank line

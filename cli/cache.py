@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from ._common import Format, human_bytes, err_console, handle_errors
+from ._common import Format, dumps, emit_json, err_console, handle_errors, human_bytes
 
 cache_app = typer.Typer(
     name="cache",
@@ -51,10 +51,6 @@ def _set_model(model: str | None) -> None:
         os.environ["CTXC_MODEL"] = model
 
 
-def _text_files(root: Path) -> list[Path]:
-    return sorted(f for f in root.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.relative_to(root).parts))
-
-
 @cache_app.command("build")
 @handle_errors
 def build_cmd(
@@ -85,7 +81,8 @@ def build_cmd(
     from ..cache_store.store import CartridgeStore
     from ..errors import InputError
     from ..model import load_model
-    from ..textio import read_text
+    from ..textio import printable, read_text
+    from ..walk import walk
 
     _set_model(model)
     key_axis = key_axis or KeyAxis.channel
@@ -94,24 +91,24 @@ def build_cmd(
     if not root.exists():
         raise InputError(f"{path} does not exist", "pass a text file or a directory of text files")
     explicit = not root.is_dir()
-    files = [root] if explicit else _text_files(root)
-    if not files:
+    found = walk([root])
+    if not found.files:
         raise InputError(f"{path} holds no files", "pass a text file or a directory of text files")
-    docs: list[tuple[Path, str]] = []
-    skipped: list[str] = []
-    for f in files:
+    docs: list[tuple[Path, str, str]] = []  # path, label, text
+    skipped: list[str] = [f"{p}: {why}" for p, why in found.skipped]
+    for f in found.files:
         try:
-            docs.append((f, read_text(f, encoding)))
+            docs.append((f.path, f.rel, read_text(f.path, encoding)))
         except InputError as err:
             if explicit:
                 raise
-            skipped.append(f"{f}: {err.message}")
+            skipped.append(f"{f.path}: {err.message}")
     if not docs:
         raise InputError(f"no text files in {path}", "; ".join(skipped[:3]))
     lm = load_model()
     store = CartridgeStore()
     console = err_console()
-    counts = [len(document_ids(lm, t)[0]) for _, t in docs]
+    counts = [len(document_ids(lm, t)[0]) for _, _, t in docs]
     results = []
     show = progress and (len(docs) > 1 or counts[0] > 2 * chunk_size)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -121,9 +118,10 @@ def build_cmd(
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True, disable=not show)
     with bar:
         task = bar.add_task("prefill", total=sum(counts))
-        for (f, text), n in zip(docs, counts):
-            bar.update(task, description=f"{f.name[:32]}")
-            label = name if (explicit and name) else (f.name if explicit else str(f.relative_to(root)))
+        for (f, rel, text), n in zip(docs, counts):
+            bar.update(task, description=printable(f.name[:32]))
+            # A label made from a file name is shown in listings: control characters escaped, length bounded.
+            label = name if (explicit and name) else printable(f.name if explicit else rel)[:256]
             done = {"n": 0}
 
             def step(k: int) -> None:
@@ -141,15 +139,17 @@ def build_cmd(
                     "kept_tokens": m["kept_tokens"], "bytes": m["files"]["kv.safetensors"]["bytes"],
                     "settings": m.get("settings_label"), "reused": r.reused, "seconds": round(r.seconds, 3)}
             if fmt is Format.json:
-                sys.stdout.write(json.dumps(line) + "\n")
+                sys.stdout.write(dumps(line) + "\n")
             else:
                 sys.stdout.write(r.id + "\n")
             sys.stdout.flush()
+            for note in r.notes:
+                console.print(f"ctxc: note: {printable(note)}", markup=False)
             verb = "reused" if r.reused else f"built in {r.seconds:.1f} s"
-            console.print(f"{r.id[:12]} {m.get('name') or '-'}: {m['kept_tokens']:,}/{m['tokens']:,} tokens, "
-                          f"{human_bytes(line['bytes'])}, {m.get('settings_label')} ({verb})")
+            console.print(f"{r.id[:12]} {printable(m.get('name') or '-')}: {m['kept_tokens']:,}/{m['tokens']:,} "
+                          f"tokens, {human_bytes(line['bytes'])}, {m.get('settings_label')} ({verb})", markup=False)
     if skipped:
-        console.print(f"skipped {len(skipped)} file(s) that are not text: " + "; ".join(skipped[:5]))
+        console.print(printable(f"skipped {len(skipped)} file(s): " + "; ".join(skipped[:5])), markup=False)
 
 
 @cache_app.command("ls")
@@ -164,13 +164,16 @@ def ls_cmd(
     entries = sorted(store.entries(), key=lambda e: -e.last_used)
     rows = [e.summary() for e in entries]
     if fmt is Format.json:
-        typer.echo(json.dumps(rows))
+        emit_json(rows)
         return
     if not rows:
         err_console().print(f"no cartridges in {store.root} (build one with `ctxc cache build FILE`)")
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from ..textio import printable
 
     table = Table(show_edge=False, box=None)
     for col, just in (("id", "left"), ("name", "left"), ("doc", "left"), ("tokens", "right"), ("size", "right"),
@@ -178,14 +181,16 @@ def ls_cmd(
         table.add_column(col, justify=just)
     for r in rows:
         if r["error"]:
-            table.add_row(r["id"][:12], "-", f"DAMAGED: {r['error']}", "-", human_bytes(r["bytes"]), "-", "-", "-")
+            table.add_row(r["id"][:12], "-", Text(printable(f"DAMAGED: {r['error']}")), "-", human_bytes(r["bytes"]),
+                          "-", "-", "-")
             continue
         tokens = f"{r['tokens']:,}" if r["kept_tokens"] == r["tokens"] else f"{r['kept_tokens']:,}/{r['tokens']:,}"
-        table.add_row(r["id"][:12], r["name"] or "-", Path(r["doc"]).name if r["doc"] else "-", tokens,
-                      human_bytes(r["bytes"]), r["settings"] or "-", _age(r["created"]), _age(r["last_used"]))
+        label = (r["name"] or "-") + (" (imported)" if r["imported"] else "")
+        table.add_row(r["id"][:12], Text(printable(label)), Text(printable(Path(r["doc"]).name if r["doc"] else "-")),
+                      tokens, human_bytes(r["bytes"]), r["settings"] or "-", _age(r["created"]), _age(r["last_used"]))
     table.add_section()
-    table.add_row("", f"{len(rows)} cartridge(s)", "", "", human_bytes(sum(r["bytes"] for r in rows)), str(store.root),
-                  "", "")
+    table.add_row("", f"{len(rows)} cartridge(s)", "", "", human_bytes(sum(r["bytes"] for r in rows)),
+                  Text(printable(store.root)), "", "")
     # Not a terminal (a pipe, a file): wide enough that ids and settings are never cut.
     Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160).print(table)
 
@@ -205,7 +210,8 @@ def show_cmd(
         m = {k: v for k, v in m.items() if k != "tensors"}
         m["tensor_count"] = len(store.manifest(ref)["tensors"])
     m["path"] = str(store.path(m["id"]))
-    typer.echo(json.dumps(m, indent=1, ensure_ascii=False))
+    m["imported_from"] = (store.origin(m["id"]) or {}).get("from")
+    emit_json(m, indent=1)
 
 
 @cache_app.command("rm")
@@ -220,7 +226,7 @@ def rm_cmd(
     ids = [store.resolve(r) for r in refs]  # every name must resolve before anything is deleted
     for cid in dict.fromkeys(ids):
         store.remove(cid)
-        err_console().print(f"removed {cid}")
+        err_console().print(f"removed {cid}", markup=False)
 
 
 @cache_app.command("verify")
@@ -231,14 +237,18 @@ def verify_cmd(
     """Check manifests, file sizes and sha256 checksums; exit 1 if any cartridge is damaged."""
     from ..cache_store.store import CartridgeStore
 
-    results = CartridgeStore().verify(ref)
+    from ..textio import printable
+
+    store = CartridgeStore()
+    results = store.verify(ref)
     bad = 0
     for cid, problem in results:
         if problem:
             bad += 1
-            typer.echo(f"DAMAGED {cid} {problem}")
+            typer.echo(f"DAMAGED {cid} {printable(problem)}")
         else:
-            typer.echo(f"ok {cid}")
+            typer.echo(f"ok {cid}" + (" (imported; not yet checked against its document)" if store.origin(cid)
+                                      else ""))
     if bad:
         err_console().print(f"{bad} of {len(results)} cartridges are damaged (remove them with `ctxc cache rm ID`)")
         raise typer.Exit(1)
@@ -285,7 +295,8 @@ def import_cmd(
 
     cid, added = CartridgeStore().import_tar(path)
     typer.echo(cid)
-    err_console().print(f"{'imported' if added else 'already present:'} {cid}")
+    err_console().print(f"{'imported' if added else 'already present:'} {cid} (checked against its document the "
+                        "first time that document is built or asked about)", markup=False)
 
 
 @app.command()
@@ -332,5 +343,9 @@ def ask(
               encoding=encoding)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    from ..textio import printable
+
+    for note in res.stats.get("notes", []):
+        typer.echo(f"ctxc: note: {printable(note)}", err=True)
     if stats:
-        sys.stderr.write(json.dumps(res.stats) + "\n")
+        typer.echo(dumps(res.stats), err=True)

@@ -91,8 +91,8 @@ def compress(
     from ..errors import OverBudgetError
     from ..textio import read_text
 
-    budget = budget or config.get("budget")
-    Budget.parse(budget)  # fail on a bad budget before reading stdin
+    budget = config.get("budget") if budget is None else budget
+    Budget.parse(budget)  # fail on a bad budget (an empty one too) before reading stdin
     ceiling = Budget.parse(fail_if_over) if fail_if_over is not None else None
     encoding = encoding or config.get("encoding")
     files = _input_paths(paths, null)
@@ -136,18 +136,6 @@ def compress(
             }), indent=None)
 
 
-def _expand(paths: list[str]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        pp = Path(p)
-        if pp.is_dir():
-            out.extend(sorted(f for f in pp.rglob("*")
-                              if f.is_file() and not any(x.startswith(".") for x in f.relative_to(pp).parts)))
-        else:
-            out.append(pp)
-    return out
-
-
 @app.command()
 @handle_errors
 def count(
@@ -185,14 +173,18 @@ def count(
     if files is None:
         rows.append(("-", tok.count(read_text(None, encoding, allow_empty=True))))
     else:
-        explicit = {str(Path(p)) for p in files}
-        for f in _expand(files):
+        from ..walk import walk
+
+        found = walk(files)
+        skipped += [f"{p}: {why}" for p, why in found.skipped]
+        for f in found.files:
+            shown = f.shown
             try:
-                rows.append((str(f), tok.count(read_text(f, encoding, allow_empty=True))))
+                rows.append((shown, tok.count(read_text(f.path, encoding, allow_empty=True))))
             except InputError as err:
-                if str(f) in explicit:
+                if f.explicit:
                     raise
-                skipped.append(f"{f}: {err.message}")
+                skipped.append(f"{shown}: {err.message}")
     rows.sort(key=lambda r: (-r[1], r[0]))
     total = sum(n for _, n in rows)
     if fmt is Format.json:

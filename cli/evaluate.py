@@ -46,9 +46,12 @@ def eval_cmd(
       ctxc eval --questions qa_with_contexts.jsonl --no-nll
     """
     from ..errors import InputError
-    from ..evaluate import load_documents, load_questions, parse_list, run_eval, summary_rows, write_report
+    from ..evaluate import check_report_dir, load_documents, load_questions, parse_list, run_eval, summary_rows, \
+        write_report
 
     meths = parse_list(methods, "methods")
+    inputs = [x for x in (path, questions) if x]
+    check_report_dir(out, inputs)  # before minutes of work, not after
     buds = parse_list(budgets, "budgets")
     qs = load_questions(questions, limit) if questions else None
     if path is None and qs is None:
@@ -57,7 +60,7 @@ def eval_cmd(
     docs = load_documents(path, encoding) if path else None
     res = run_eval(docs, qs, meths, buds, tokenizer=tokenizer, nll=not no_nll, query_aware=not no_query,
                    nll_max_tokens=nll_max_tokens)
-    files = write_report(res, out)
+    files = write_report(res, out, inputs)
     if fmt is EvalFormat.json:
         sys.stdout.write(json.dumps({"summary": res.summary(), "files": [str(f) for f in files]}) + "\n")
     else:

@@ -7,13 +7,14 @@ a Ray actor on another machine (no shared filesystem needed). Only the driver wr
 manifest line only if the input's hash, the settings and the output's hash all still match, so it skips what is
 done and redoes the rest; the final outputs are byte-identical to an uninterrupted run.
 
->>> _matches("src/a.py", ["*.py"]), _matches("node_modules/x/a.js", ["node_modules"]), _matches("a.md", ["docs/*"])
-(True, True, False)
+Everything under OUT_DIR is written through `ctxc.paths.OutputTree`, which never follows a symbolic link inside
+OUT_DIR: a link planted there (to the input, to anything else) makes that file fail, it is never written through.
+The inputs are found by the one walker (`ctxc.walk`): hidden files, `.gitignore`d files and symbolic links are
+left out.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -24,7 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from typing import Annotated
+
+from pydantic import Field
+
 from .errors import CtxcError, InputError, MethodError
+from .paths import OutputTree
+from .schema import Open
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_VERSION = 1
@@ -112,24 +119,6 @@ class BatchSummary:
 
 
 # ----------------------------------------------------------------------------------------------------------- planning
-def _matches(rel: str, patterns: Iterable[str]) -> bool:
-    """A pattern with '/' matches the relative path (or a folder prefix of it); one without matches any single
-    path component, so `*.md` matches by file name and `node_modules` excludes that folder anywhere."""
-    parts = rel.split("/")
-    for pat in patterns:
-        pat = pat.strip().rstrip("/")
-        if not pat:
-            continue
-        if "/" in pat:
-            pat = pat.lstrip("./")
-            prefixes = ("/".join(parts[:i]) for i in range(1, len(parts)))
-            if fnmatch.fnmatchcase(rel, pat) or any(fnmatch.fnmatchcase(p, pat) for p in prefixes):
-                return True
-        elif any(fnmatch.fnmatchcase(p, pat) for p in parts):
-            return True
-    return False
-
-
 def check_dirs(in_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     """Resolved (IN_DIR, OUT_DIR); refuses any overlap, because writing inside the input tree could overwrite or
     re-ingest the user's files."""
@@ -150,25 +139,16 @@ def check_dirs(in_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     return s, d
 
 
-def plan(in_dir: Path, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
-    """Relative paths of the regular files under `in_dir`, sorted; hidden files and folders are left out, symlinked
-    folders are not followed (no loops, nothing outside the tree)."""
-    out = []
-    for root, dirs, files in os.walk(in_dir, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if name.startswith("."):
-                continue
-            full = os.path.join(root, name)
-            if not os.path.isfile(full):  # FIFOs, sockets, dangling links
-                continue
-            rel = Path(full).relative_to(in_dir).as_posix()
-            if include and not _matches(rel, include):
-                continue
-            if exclude and _matches(rel, exclude):
-                continue
-            out.append(rel)
-    return sorted(out)
+def plan(in_dir: Path, include: list[str] | None = None, exclude: list[str] | None = None
+         ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative paths of the files under `in_dir` (see `ctxc.walk`), sorted, and what was left out on purpose
+    (symbolic links), as (relative path, reason)."""
+    from .walk import walk
+
+    found = walk([in_dir], include, exclude)
+    skipped = [(Path(p).relative_to(in_dir).as_posix(), why) for p, why in found.skipped
+               if Path(p).is_relative_to(in_dir)]
+    return sorted(f.rel for f in found.files), skipped
 
 
 def read_queries(path: str | Path) -> dict[str, str]:
@@ -198,31 +178,46 @@ def read_queries(path: str | Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------- manifest
+class _Line(Open):
+    """A manifest line as far as a rerun trusts it: wrong types make the line count as absent (the file is redone)."""
+
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    status: str
+    reason: str = ""
+    sha256: str = ""
+    settings_key: str = ""
+    settings: dict = Field(default_factory=dict)
+    method: str = ""
+    input_tokens: Annotated[int, Field(ge=0)] = 0
+    output_tokens: Annotated[int, Field(ge=0)] = 0
+    output_sha256: str = ""
+    seconds: float = 0.0
+    worker: str = ""
+
+
 def load_manifest(out_dir: Path) -> dict[str, dict]:
-    """Latest line per path. Lines cut short by a crash are not JSON and are ignored (their file is redone)."""
-    p = out_dir / MANIFEST
+    """Latest line per path. Lines cut short by a crash, or not of the expected shape, are ignored (their file is
+    redone). The manifest is read without following a link."""
+    from pydantic import ValidationError
+
+    data = OutputTree(out_dir, create=False).read(MANIFEST) if out_dir.is_dir() else None
     entries: dict[str, dict] = {}
-    if not p.is_file():
-        return entries
-    for line in p.read_bytes().decode("utf-8", "replace").splitlines():
+    for line in (data or b"").decode("utf-8", "replace").splitlines():
         try:
-            d = json.loads(line)
-        except ValueError:
+            d = _Line.model_validate(json.loads(line)).model_dump()
+        except (ValueError, ValidationError, RecursionError):
             continue
-        if isinstance(d, dict) and isinstance(d.get("path"), str):
-            entries[d["path"]] = d
+        entries[d["path"]] = d
     return entries
 
 
 class _ManifestWriter:
     """Appends one line per finished file; repairs a final line that a crash left without its newline."""
 
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / MANIFEST
-        out_dir.mkdir(parents=True, exist_ok=True)
-        needs_nl = self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
-        self.fh = open(self.path, "a", encoding="utf-8")
-        if needs_nl:
+    def __init__(self, tree: OutputTree):
+        old = tree.read(MANIFEST)
+        self.fh = tree.append(MANIFEST)
+        if old and not old.endswith(b"\n"):
             self.fh.write("\n")
 
     def add(self, res: FileResult) -> None:
@@ -233,23 +228,20 @@ class _ManifestWriter:
         self.fh.close()
 
 
-def _compact(out_dir: Path) -> None:
+def _compact(tree: OutputTree) -> None:
     """Rewrite the manifest with one (the latest) line per path, atomically."""
-    from .paths import atomic_write_text
-
-    entries = load_manifest(out_dir)
-    atomic_write_text(out_dir / MANIFEST, "".join(json.dumps(entries[k], ensure_ascii=False, sort_keys=True) + "\n"
-                                                   for k in sorted(entries)))
+    entries = load_manifest(tree.root)
+    tree.write_text(MANIFEST, "".join(json.dumps(entries[k], ensure_ascii=False, sort_keys=True) + "\n"
+                                      for k in sorted(entries)))
 
 
-def _remove_stale_tmp(out_dir: Path) -> None:
-    for root, _dirs, files in os.walk(out_dir):
-        for name in files:
-            if _STALE_TMP.match(name):
-                try:
-                    os.unlink(os.path.join(root, name))
-                except OSError:
-                    pass
+def _remove_stale_tmp(tree: OutputTree) -> None:
+    for rel in tree.files():
+        if _STALE_TMP.match(rel.rsplit("/", 1)[-1]):
+            try:
+                tree.unlink(rel)
+            except OSError:
+                pass
 
 
 # ------------------------------------------------------------------------------------------------------------ workers
@@ -385,24 +377,130 @@ def _probe(address: str | None, timeout: float = 5.0) -> None:
                           "start one with `ray start --head` and pass --address HOST:6379, or omit --address") from None
 
 
-def _ray(jobs, settings: dict, n: int, address: str | None):
-    """One actor per worker (each loads the method once); jobs carry the file bytes, so the cluster needs no view
-    of the driver's filesystem, only ctxc installed (or shipped with a runtime_env)."""
+RAY_START_TIMEOUT_S = float(os.environ.get("CTXC_RAY_TIMEOUT") or 90)
+
+
+class _LocalRay:
+    """A private one-node Ray instance for one batch: `ray start --head` bound to 127.0.0.1 on a free port, with token
+    authentication (a fresh random token, passed through the environment only), its own temp folder, and its logs
+    in a file there, not on the user's terminal. It never joins or reuses a cluster recorded under /tmp/ray by an
+    earlier session. Stopped (and its folder removed) when the batch ends."""
+
+    def __init__(self, cpus: int):
+        self.cpus = cpus
+        self.head = None
+        self.dir = None
+
+    def start(self) -> str:
+        import secrets
+        import shutil
+        import socket
+        import subprocess
+        import sys
+
+        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+        if not ray_bin:
+            raise MethodError("the `ray` command is not installed next to Python", "pip install 'ctxc[ray]'")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="ctxc-ray-"))  # short: Ray's socket paths must stay < 108 chars
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        log = self.dir / "head.log"
+        with open(log, "wb") as fh:
+            self.head = subprocess.Popen(
+                [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                 "--num-cpus", str(self.cpus), "--include-dashboard", "false", "--disable-usage-stats",
+                 "--temp-dir", str(self.dir)],
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
+                start_new_session=True)
+        deadline = time.monotonic() + RAY_START_TIMEOUT_S
+        while b"Ray runtime started" not in log.read_bytes():
+            if self.head.poll() is not None or time.monotonic() > deadline:
+                tail = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-1:] or ["no output"]
+                why = "exited" if self.head.poll() is not None else f"did not start within {RAY_START_TIMEOUT_S:.0f} s"
+                self.stop()
+                raise MethodError(f"a local Ray instance {why} ({tail[0].strip()[:200]})",
+                                  "check that Ray works (`ray start --head`), raise CTXC_RAY_TIMEOUT, or use "
+                                  "--engine local")
+            time.sleep(0.2)
+        os.environ.update(self.env)  # the driver authenticates with the same token
+        return f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.head is not None and self.head.poll() is None:
+            self.head.send_signal(signal.SIGTERM)  # --block: the head tears down what it started
+            try:
+                self.head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.head.kill()
+                self.head.wait()
+        for k in getattr(self, "env", {}):
+            os.environ.pop(k, None)
+        if self.dir is not None:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)  # our own fresh temp folder (Ray's session files)
+            self.dir = None
+
+
+def _start_ray(address: str, env: dict) -> None:
+    """Connect to the Ray cluster at `address` within `RAY_START_TIMEOUT_S` seconds, or a one-line error; Ray's own
+    log lines stay out of the user's terminal."""
     import logging
+    import threading
 
     import ray
 
+    outcome: dict = {}
+
+    def start() -> None:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                     logging_level=logging.ERROR, runtime_env={"env_vars": env} if env else None)
+        except BaseException as err:  # noqa: BLE001 - reported below as one line
+            outcome["error"] = err
+
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+    t.join(RAY_START_TIMEOUT_S)
+    if t.is_alive():
+        raise MethodError(f"Ray did not connect to {address} within {RAY_START_TIMEOUT_S:.0f} s",
+                          "check `ray status` on the cluster, raise CTXC_RAY_TIMEOUT, or use --engine local")
+    err = outcome.get("error")
+    if err is not None:
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise MethodError(f"cannot reach the Ray cluster at {address}: {first}",
+                          "start one with `ray start --head` and pass --address HOST:6379, or omit --address")
+
+
+def _ray(jobs, settings: dict, n: int, address: str | None):
+    """One actor per worker (each loads the method once); jobs carry the file bytes, so the cluster needs no view
+    of the driver's filesystem, only ctxc installed (or shipped with a runtime_env)."""
+    import sys
+
     env = {k: v for k, v in os.environ.items() if k.startswith(("CTXC_", "HF_", "TRANSFORMERS_"))}
-    started_here = not ray.is_initialized()
+    # The local instance's token must be in the environment before Ray is imported (it reads its auth settings once).
+    started_here = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    local = None
+    if started_here and not address:
+        local = _LocalRay(os.cpu_count() or 1)
+        address = local.start()
+    import ray
+
     if started_here:
         try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=True,
-                     logging_level=logging.ERROR, runtime_env={"env_vars": env} if env else None)
-        except (ConnectionError, ValueError, RuntimeError) as err:
-            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise MethodError(f"cannot reach the Ray cluster at {address or 'local'}: {first}",
-                              "start one with `ray start --head` and pass --address HOST:6379, or omit --address"
-                              ) from None
+            _start_ray(address, env)
+        except BaseException:
+            if local is not None:
+                local.stop()
+            raise
 
     @ray.remote(num_cpus=1)
     class Worker:
@@ -412,7 +510,11 @@ def _ray(jobs, settings: dict, n: int, address: str | None):
         def run(self, rel, data, query):
             return run_job(rel, data, query)
 
-    actors = [Worker.remote(settings) for _ in range(max(1, n))]
+    # Fractional CPUs when -j asks for more actors than the cluster has CPUs: otherwise the extra actors (and the
+    # files handed to them) wait forever for a CPU that never frees up.
+    cpus = float(ray.cluster_resources().get("CPU", 1) or 1)
+    per = min(1.0, max(0.01, cpus / max(1, n)))
+    actors = [Worker.options(num_cpus=per).remote(settings) for _ in range(max(1, n))]
     idle = list(actors)
     inflight: dict = {}
     it = iter(jobs)
@@ -435,6 +537,8 @@ def _ray(jobs, settings: dict, n: int, address: str | None):
             ray.kill(a)
         if started_here:
             ray.shutdown()
+        if local is not None:
+            local.stop()
 
 
 # --------------------------------------------------------------------------------------------------------------- run
@@ -459,7 +563,6 @@ def run_batch(
     """
     from .budget import Budget
     from .compressors.registry import auto_method, get_compressor
-    from .paths import atomic_write_text
 
     t0 = time.perf_counter()
     src, dst = check_dirs(in_dir, out_dir)
@@ -475,11 +578,11 @@ def run_batch(
             raise MethodError("--engine ray needs the ray package", "pip install 'ctxc[ray]' (or pip install ray)")
         _probe(address)
     queries = queries or {}
-    files = plan(src, include, exclude)
-    summary = BatchSummary(str(src), str(dst), total=len(files), engine=engine, workers=jobs)
+    files, left_out = plan(src, include, exclude)
+    summary = BatchSummary(str(src), str(dst), total=len(files) + len(left_out), engine=engine, workers=jobs)
     summary.unmatched_queries = sorted(set(queries) - set(files))
-    dst.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(dst)
+    tree = OutputTree(dst)
+    _remove_stale_tmp(tree)
     previous = {} if force else load_manifest(dst)
 
     todo: list[tuple[str, str, str, dict]] = []  # rel, sha, key, identity
@@ -499,7 +602,7 @@ def run_batch(
         ident = settings.identity(settings.method or auto_method(rel), query)
         key = settings_key(ident)
         prev = previous.get(rel)
-        if prev and prev.get("sha256") == sha and prev.get("settings_key") == key and _still_valid(prev, dst / rel):
+        if prev and prev.get("sha256") == sha and prev.get("settings_key") == key and _still_valid(prev, tree, rel):
             unchanged.append(FileResult(**{k: prev.get(k, v) for k, v in asdict(FileResult(rel, "")).items()}))
             continue
         todo.append((rel, sha, key, ident))
@@ -533,8 +636,13 @@ def run_batch(
     else:
         results = _local_serial(job_stream(), sdict)
 
-    writer = _ManifestWriter(dst)
+    writer = _ManifestWriter(tree)
     reasons = Counter(summary.skip_reasons)
+    for rel, why in left_out:
+        reasons[why] += 1
+        summary.skipped += 1
+        if on_result:
+            on_result(FileResult(rel, "skipped", why))
     try:
         for out in results:
             rel = out["path"]
@@ -544,8 +652,14 @@ def run_batch(
                              round(out.get("seconds", 0.0), 4), out.get("worker", ""))
             if res.status == "done":
                 data = out["text"].encode("utf-8")
-                atomic_write_text(dst / rel, out["text"])
+                try:
+                    tree.write(rel, data)
+                except CtxcError as err:  # a link or a folder in the way inside OUT_DIR: this file fails
+                    res.status, res.reason = "failed", err.one_line()
+                except OSError as err:
+                    res.status, res.reason = "failed", f"cannot write it: {err.strerror or err}"
                 res.output_sha256 = hashlib.sha256(data).hexdigest()
+            if res.status == "done":
                 summary.done += 1
                 summary.tokens_in += res.input_tokens
                 summary.tokens_out += res.output_tokens
@@ -570,14 +684,15 @@ def run_batch(
     summary.skipped += sum(1 for r in unchanged if r.status == "skipped")
     summary.unchanged -= sum(1 for r in unchanged if r.status == "skipped")
     summary.skip_reasons = dict(reasons)
-    _compact(dst)
+    _compact(tree)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _still_valid(prev: dict, out_path: Path) -> bool:
+def _still_valid(prev: dict, tree: OutputTree, rel: str) -> bool:
     if prev.get("status") == "skipped":
         return True
-    if prev.get("status") != "done" or not out_path.is_file():
+    if prev.get("status") != "done":
         return False
-    return hashlib.sha256(out_path.read_bytes()).hexdigest() == prev.get("output_sha256")
+    data = tree.read(rel)
+    return data is not None and hashlib.sha256(data).hexdigest() == prev.get("output_sha256")

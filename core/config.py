@@ -38,6 +38,10 @@ class Key:
     type: type
     default: Any
     help: str
+    # Whether `./ctxc.toml` may set it. A project folder is someone else's: its config may choose budgets and
+    # methods, but not where ctxc writes and deletes (home) or where documents are sent (engine); those come from
+    # the command line, the environment or the user's own config file (or CTXC_TRUST_CWD_CONFIG=1).
+    cwd: bool = True
 
 
 # Keys with an `env` are exported to the environment by the CLI so that the library (and batch workers, which
@@ -46,15 +50,15 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("model", "CTXC_MODEL", str, None, "local LM: HF directory or .gguf file (default: bundled SmolLM2-135M)"),
     Key("device", "CTXC_DEVICE", str, "auto", "auto, cpu or cuda"),
     Key("dtype", "CTXC_DTYPE", str, "auto", "auto, bf16, fp16 or fp32"),
-    Key("home", "CTXC_HOME", str, "~/.cache/ctxc", "where models, caches and indexes are stored"),
+    Key("home", "CTXC_HOME", str, "~/.cache/ctxc", "where models, caches and indexes are stored", cwd=False),
     Key("tokenizer", "CTXC_TOKENIZER", str, "cl100k", "what budgets are counted in: cl100k, model or hf:PATH"),
     Key("embedder", "CTXC_EMBEDDER", str, None, "sentence-transformers directory (default: bundled MiniLM)"),
     Key("method", "CTXC_METHOD", str, None, "compression method or pipeline (default: extractive; code for source)"),
     Key("budget", "CTXC_BUDGET", str, "x4", "default budget: 4k, 4096, 25% or x4"),
     Key("encoding", "CTXC_ENCODING", str, None, "input encoding (default: utf-8)"),
     Key("jobs", "CTXC_JOBS", int, 1, "batch: worker processes"),
-    Key("engine", "CTXC_ENGINE", str, "local", "batch: local or ray"),
-    Key("ray_address", "CTXC_RAY_ADDRESS", str, None, "batch --engine ray: cluster address (default: a local one)"),
+    Key("engine", "CTXC_ENGINE", str, "local", "batch: local or ray (a local instance; a cluster only with --address)",
+        cwd=False),
     Key("include", None, list, [], "batch: only paths matching these globs"),
     Key("exclude", None, list, [], "batch: skip paths matching these globs"),
 ]}
@@ -125,13 +129,28 @@ def read_file(path: Path) -> dict[str, Any]:
     return out
 
 
+# Keys a ./ctxc.toml tried to set but may not (see Key.cwd): the CLI prints one warning line each.
+WARNINGS: list[str] = []
+
+
 def effective(cwd: Path | None = None, environ: dict | None = None) -> dict[str, Setting]:
     """Every key's value and where it came from (env > ./ctxc.toml > user file > default)."""
     env = os.environ if environ is None else environ
     out = {k.name: Setting(k.name, k.default, "default") for k in KEYS.values()}
-    for path in config_files(cwd):
+    WARNINGS.clear()
+    files = config_files(cwd)
+    project = (cwd or Path.cwd()) / "ctxc.toml" if "CTXC_CONFIG" not in env else None
+    trust = env.get("CTXC_TRUST_CWD_CONFIG", "").strip() in ("1", "yes", "true")
+    for path in files:
         if path.is_file():
             for name, value in read_file(path).items():
+                if path == project and not KEYS[name].cwd and not trust:
+                    note = (f"ignoring {name!r} from {path}: a project's config may not set it (set it in "
+                            f"~/.config/ctxc/config.toml, with {KEYS[name].env} or on the command line, or set "
+                            "CTXC_TRUST_CWD_CONFIG=1)")
+                    if note not in WARNINGS:
+                        WARNINGS.append(note)
+                    continue
                 out[name] = Setting(name, value, str(path))
         elif "CTXC_CONFIG" in env and env["CTXC_CONFIG"].strip():
             raise ConfigError(f"CTXC_CONFIG={path}: no such file", "point CTXC_CONFIG at a TOML file, or unset it")

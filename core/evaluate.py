@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .budget import Budget
 from .errors import InputError
-from .paths import atomic_write_bytes, atomic_write_text
+from .paths import OutputTree
 from .retrievers.bm25 import tokenize_words
 
 
@@ -154,16 +154,16 @@ def load_documents(path: str | Path, encoding: str | None = None) -> list[tuple[
     """(name, text) for a file, or for every text file under a directory (binary files are skipped)."""
     from .textio import read_text
 
+    from .walk import walk
+
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or directory", "check the path")
-    if p.is_file():
+    found = walk([p])
+    if found.files and found.files[0].explicit:
         return [(p.name, read_text(p, encoding))]
     docs = []
-    hidden = lambda x: any(s.startswith(".") for s in x.relative_to(p).parts)  # noqa: E731
-    for f in sorted(x for x in p.rglob("*") if x.is_file() and not hidden(x)):
+    for f in found.files:
         try:
-            docs.append((str(f.relative_to(p)), read_text(f, encoding)))
+            docs.append((f.rel, read_text(f.path, encoding)))
         except InputError:
             continue
     if not docs:
@@ -420,7 +420,7 @@ def summary_rows(res: EvalResult) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def plot(res: EvalResult, out_dir: Path) -> list[Path]:
+def plot(res: EvalResult, out: OutputTree) -> list[str]:
     """PNG plots, one line per method over the budgets (in the order given)."""
     import matplotlib
 
@@ -465,30 +465,54 @@ def plot(res: EvalResult, out_dir: Path) -> list[Path]:
                       "nll": "Answer NLL given compressed context + question (lower is better)"}.get(key, label),
                      fontsize=10)
         fig.tight_layout()
-        path = out_dir / fname
         import io
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
-        files.append(path)
+        out.write(fname, buf.getvalue())
+        files.append(fname)
     return files
 
 
-def write_report(res: EvalResult, out_dir: str | Path) -> list[Path]:
-    """report.md + results.json + PNG plots under `out_dir` (created). Returns the files written."""
+REPORT_MARK = ".ctxc-eval-report"
+REPORT_FILES = ("report.md", "results.json", "retention.png", "nll.png", "coverage_numbers.png",
+                "coverage_entities.png", "coverage_words.png")
+
+
+def check_report_dir(out_dir: str | Path, inputs: list[str | Path] = ()) -> Path:
+    """The report folder, checked before any work: a new or empty folder, or one an earlier `ctxc eval` wrote (it
+    holds its mark file and only report files). A folder holding anything else is refused, so a report never
+    replaces a user's file, and no report file may be one of the inputs."""
     out = Path(out_dir)
+    if out.is_symlink():
+        raise InputError(f"report folder {out} is a symbolic link", "pass -o the folder itself")
     if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory", "pass -o DIR")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create {out} ({err.strerror})", "pass -o to a writable directory") from None
-    files = []
+        raise InputError(f"{out} exists and is not a folder", "pass -o a new folder for the report")
+    if out.is_dir():
+        present = {p.name for p in out.iterdir()}
+        foreign = sorted(present - {REPORT_MARK, *REPORT_FILES})
+        if present and (REPORT_MARK not in present or foreign):
+            shown = ", ".join(foreign[:3]) or ", ".join(sorted(present)[:3])
+            raise InputError(f"report folder {out} holds files ctxc eval did not write ({shown})",
+                             "pass -o a new or empty folder, e.g. -o report/")
+        targets = {(out / f).resolve() for f in REPORT_FILES}
+        for i in inputs:
+            if Path(i).resolve() in targets:
+                raise InputError(f"the report would overwrite the input {i}", "pass -o another folder")
+    return out
+
+
+def write_report(res: EvalResult, out_dir: str | Path, inputs: list[str | Path] = ()) -> list[Path]:
+    """report.md + results.json + PNG plots under `out_dir` (see `check_report_dir`). Every file is written
+    atomically and never through a link. Returns the files written."""
+    out = check_report_dir(out_dir, inputs)
+    tree = OutputTree(out)
+    tree.write(REPORT_MARK, b"written by ctxc eval; the folder may be rewritten by the next run\n")
+    files: list[Path] = []
     plot_note = ""
     try:
-        files += plot(res, out)
+        files += [out / f for f in plot(res, tree)]
     except ImportError:
         plot_note = "\n> Plots were skipped: matplotlib is not installed (`pip install 'ctxc[eval]'`).\n"
     head, rows = summary_rows(res)
@@ -529,8 +553,8 @@ def write_report(res: EvalResult, out_dir: str | Path) -> list[Path]:
                       f"{'yes' if r.kept else ('no' if r.in_full else 'n/a')} | {_fmt(r.nll)} | {_fmt(r.nll_full)} |")
         if len(res.rows) > 500:
             md.append(f"\n({len(res.rows) - 500} more rows in results.json)")
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1, ensure_ascii=False))
+    tree.write_text("report.md", "\n".join(md) + "\n")
+    tree.write_text("results.json", json.dumps(res.to_json(), indent=1, ensure_ascii=False))
     return [out / "report.md", out / "results.json"] + files
 
 

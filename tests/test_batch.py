@@ -3,6 +3,7 @@ worker processes, and the Ray engine against a local cluster started here on loo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -310,6 +311,27 @@ def test_ray_engine_against_local_cluster(tree, tmp_path):
             head.wait()
 
 
+def test_ray_engine_starts_its_own_loopback_instance(tree, tmp_path):
+    """No --address: a private one-node instance on 127.0.0.1 (token auth), never a cluster that RAY_ADDRESS or an
+    earlier session points at (here: a dead one); no Ray log line reaches the terminal; results equal the local
+    engine's; nothing of the instance is left running."""
+    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{_free_port()}", RAY_USAGE_STATS_ENABLED="0")
+    dst, ref = tmp_path / "out", tmp_path / "ref"
+    r = subprocess.run([CTXC, "batch", str(tree), "-o", str(dst), "-b", "60", "-m", "truncate", "-j", "3",
+                        "--engine", "ray", "-f", "json", "--no-progress"], capture_output=True, text=True, env=env,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert (s["engine"], s["done"], s["failed"]) == ("ray", 4, 0)
+    ray_lines = [ln for ln in r.stderr.splitlines()
+                 if ln.startswith("[20") or any(w in ln for w in ("raylet", "gcs", "INFO", "WARNING", "ray._private"))]
+    assert not ray_lines, ray_lines
+    run_batch(tree, ref, BatchSettings(budget="60", method="truncate"))
+    assert out_files(dst) == out_files(ref)
+    left = subprocess.run(["pgrep", "-f", "ctxc-ray-"], capture_output=True, text=True).stdout.split()
+    assert not left, left
+
+
 def test_ray_unreachable_address_is_one_line_error(tree, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     r = subprocess.run([CTXC, "batch", str(tree), "-o", str(tmp_path / "out"), "-m", "truncate", "--engine", "ray",
@@ -326,16 +348,27 @@ def test_check_dirs_rejects_a_file(tree, tmp_path):
         check_dirs(tree / "story.txt", tmp_path / "o")
 
 
-def test_unreadable_file_is_a_counted_failure(tmp_path, story_text):
+def test_unreadable_file_is_a_counted_failure(tmp_path, story_text, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()
     (src / "ok.txt").write_text(story_text)
-    # a regular file whose read() fails with EIO (Linux): stands in for a file that is locked or on a dying disk
+    (src / "dying.txt").write_text(story_text)
+    # A symbolic link is never followed (here: to a file whose read() fails with EIO); it is skipped and counted.
     (src / "mem.txt").symlink_to("/proc/self/mem")
+    # A read that fails with EIO (a file on a dying disk) cannot be made for real as root: the OS error is injected.
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "dying.txt":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
     s = run_batch(src, tmp_path / "out", BatchSettings(budget="50", method="truncate"))
-    assert (s.done, s.failed) == (1, 1)
-    assert s.failures == [["mem.txt", "cannot read: Input/output error"]]
-    assert load_manifest(tmp_path / "out")["mem.txt"]["status"] == "failed"
+    assert (s.done, s.failed, s.skipped) == (1, 1, 1)
+    assert s.failures == [["dying.txt", "cannot read: Input/output error"]]
+    assert s.skip_reasons == {"symbolic link (not followed)": 1}
+    assert load_manifest(tmp_path / "out")["dying.txt"]["status"] == "failed"
 
 
 def test_input_named_like_the_manifest_is_not_overwritten_into_it(tree, tmp_path):
