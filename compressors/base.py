@@ -114,34 +114,52 @@ def select_units(
     max_candidates: int = 4000,
 ) -> list[int]:
     """Knapsack over units, then exact repair: the rendered text is counted, trimmed while over, topped up while
-    something else still fits. Returns sorted unit indices whose rendering is <= budget tokens."""
+    something else still fits. Returns sorted unit indices whose rendering is <= budget tokens.
+
+    Huge inputs (more than `max_candidates` units, e.g. a 20 MB file) take the best units by value per token
+    instead of the knapsack (near-optimal when every unit is small next to the budget), and the repair trims in
+    batches and tops up with few recounts, so the cost stays about linear in the input."""
     sep_cost = (tokenizer.count(f"\n{GAP_MARK}\n") if mark_gaps else 1) + 0
     costs = counts + sep_cost
     values = (scores**2) * np.power(np.maximum(counts, 1), value_exponent)
-    order = np.argsort(-values, kind="stable")
-    cand = order[: max_candidates]
-    cand = cand[values[cand] > 0]
-    if len(cand) == 0:  # nothing scored: keep document order as the tie-break
-        cand = np.arange(len(units))[: max_candidates]
-        values = np.ones(len(units)) / (1 + np.arange(len(units)))
-    picked = knapsack(values[cand], costs[cand], budget + sep_cost)
-    keep = sorted(int(cand[i]) for i in picked)
+    if len(units) > max_candidates and values.max(initial=0) > 0:
+        density = np.argsort(-(values / costs), kind="stable")
+        density = density[values[density] > 0]
+        fits = np.cumsum(costs[density]) <= budget + sep_cost
+        keep = sorted(int(i) for i in density[fits])
+    else:
+        order = np.argsort(-values, kind="stable")
+        cand = order[: max_candidates]
+        cand = cand[values[cand] > 0]
+        if len(cand) == 0:  # nothing scored: keep document order as the tie-break
+            cand = np.arange(len(units))[: max_candidates]
+            values = np.ones(len(units)) / (1 + np.arange(len(units)))
+        picked = knapsack(values[cand], costs[cand], budget + sep_cost)
+        keep = sorted(int(cand[i]) for i in picked)
 
     def size(ix: list[int]) -> int:
         return tokenizer.count(render(text, units, ix, mark_gaps).text)
 
     n = size(keep)
-    # Trim: drop the lowest value-per-token unit until the exact count fits.
+    # Trim: drop the lowest value-per-token units until the exact count fits (as many at once as their costs say
+    # are needed; one recount per batch).
     while keep and n > budget:
-        worst = min(keep, key=lambda i: values[i] / costs[i])
-        keep.remove(worst)
+        worst_first = sorted(keep, key=lambda i: values[i] / costs[i])
+        over, drop = n - budget, 0
+        while drop < len(worst_first) and over > 0:
+            over -= int(costs[worst_first[drop]])
+            drop += 1
+        gone = set(worst_first[: max(1, drop)])
+        keep = [i for i in keep if i not in gone]
         n = size(keep)
-    # Top up: add the best value-per-token units that still fit exactly (bounded number of recounts).
+    # Top up: add the best value-per-token units that still fit exactly (bounded number of recounts, fewer for
+    # long outputs, where each recount costs more).
     chosen = set(keep)
     rest = [i for i in np.argsort(-(values / costs), kind="stable") if i not in chosen and values[i] > 0]
     tries = 0
+    max_tries = 64 if n < 20_000 else 4
     for i in rest:
-        if n >= budget or tries > 64:
+        if n >= budget or tries > max_tries:
             break
         if costs[i] > budget - n + sep_cost:
             continue

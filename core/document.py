@@ -143,8 +143,22 @@ def split_units(text: str) -> list[Unit]:
     return units
 
 
+def _longest_fit(lo: int, hi: int, start: int, too_big) -> int:
+    """The largest end in (start, hi] (at least lo) with not too_big(start, end), by binary search."""
+    best = lo
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if not too_big(start, mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def refine_units(text: str, units: list[Unit], too_big) -> list[Unit]:
-    """Replace every unit for which `too_big(start, end)` holds by clauses, then words: finer units, same order."""
+    """Replace every unit for which `too_big(start, end)` holds by clauses, then runs of words, and a single word
+    that alone is too big (a 4,000-character token string) by pieces of characters: finer units, same order, so
+    something always fits."""
     out: list[Unit] = []
     for u in units:
         if not too_big(u.start, u.end):
@@ -166,7 +180,15 @@ def refine_units(text: str, units: list[Unit], too_big) -> list[Unit]:
                         j, lo = mid, mid + 1
                     else:
                         hi = mid - 1
-                out.append(Unit(words[i][0], words[j - 1][1], u.para, "words"))
+                ws, we = words[i][0], words[j - 1][1]
+                if j == i + 1 and too_big(ws, we):
+                    a = ws
+                    while a < we:
+                        b = _longest_fit(a + 1, we, a, too_big)
+                        out.append(Unit(a, b, u.para, "chars"))
+                        a = b
+                else:
+                    out.append(Unit(ws, we, u.para, "words"))
                 i = j
     return out
 

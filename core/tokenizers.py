@@ -84,13 +84,18 @@ class TiktokenTokenizer(Tokenizer):
         self.fingerprint = f"tiktoken:{self._enc.name}"
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode(text, disallowed_special=())
+        # Special-token strings in the input are plain text (what counting a prompt needs), i.e.
+        # encode(disallowed_special=()), without its special-token scan.
+        return self._enc.encode_ordinary(text)
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
 
     def count_many(self, texts: list[str]) -> list[int]:
-        return [len(x) for x in self._enc.encode_batch(texts, disallowed_special=(), num_threads=2)]
+        # A plain loop: encode_batch hands every text to a thread pool, which costs more than the encoding for
+        # sentence-sized texts (measured 2x slower over 15k sentences).
+        enc = self._enc.encode_ordinary
+        return [len(enc(t)) if t else 0 for t in texts]
 
 
 class HFTokenizer(Tokenizer):
