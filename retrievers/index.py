@@ -8,7 +8,10 @@ On-disk format (a directory, version 1)::
     bm25.npz        BM25 postings as plain arrays (loaded with allow_pickle=False)
     bm25.json       BM25 parameters and vocabulary
 
-Nothing is pickled. A build writes a fresh directory next to the target and renames it into place, so readers see
+Nothing is pickled. Every file is validated before use (`IndexManifest` and the checks in `Index.open`: types,
+ranges, and the files' agreement with each other), so an index folder someone handed over can be refused but
+never crash a command or make it read out of bounds. A build holds a lock beside the target (a second build of the
+same folder waits for it), writes a fresh directory next to the target and renames it into place, so readers see
 the old index or the new one. Rebuilds are incremental: files whose content hash is unchanged keep their chunks
 and vectors (read back from the FAISS index), changed and new files are chunked and embedded, and chunks of files
 that are gone are dropped.
@@ -19,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,12 +30,18 @@ from typing import Callable
 
 import numpy as np
 
+from typing import Annotated, Optional
+
+from pydantic import Field
+
 from ..errors import IndexStoreError, InputError
+from ..paths import remove_tree
+from ..schema import Hex64, Open, Strict, validate
 from ..tokenizers import Tokenizer, get_tokenizer
+from ..walk import display_path, walk
 from .bm25 import BM25, tokenize_words
 from .chunking import Chunk, chunk_text
 from .search import MODES, Packed, pack, rrf, top_ids
-from .walk import display_path, walk_files
 
 FORMAT = "ctxc-index"
 VERSION = 1
@@ -47,6 +55,63 @@ DATA_FILES = ("chunks.json", "vectors.faiss", "bm25.npz", "bm25.json")
 _FIX = "rebuild it with `ctxc index build PATH... -o INDEX_DIR --rebuild`"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+_Nat = Annotated[int, Field(ge=0)]
+
+
+class _FileEntry(Strict):
+    key: Annotated[str, Field(max_length=4096)]
+    path: Annotated[str, Field(max_length=4096)]
+    sha256: Hex64
+    bytes: _Nat
+    chunks: Annotated[list[_Nat], Field(min_length=2, max_length=2)]
+    tokens: _Nat
+
+
+class _DataFile(Strict):
+    bytes: _Nat
+    sha256: Hex64
+
+
+class _Embedder(Strict):
+    path: Optional[Annotated[str, Field(max_length=4096)]] = None
+    name: Annotated[str, Field(max_length=256)]
+    dim: Annotated[int, Field(ge=1, le=65536)]
+
+
+class _Faiss(Strict):
+    type: Annotated[str, Field(pattern=r"^(flat_ip|hnsw)$")]
+    hnsw_threshold: _Nat
+    m: Annotated[int, Field(ge=2, le=1024)]
+    ef_search: Annotated[int, Field(ge=1, le=1 << 16)]
+
+
+class _Chunking(Strict):
+    chunk_tokens: Annotated[int, Field(ge=16)]
+    overlap: _Nat
+    chunker: Annotated[int, Field(ge=1)]
+
+
+class IndexManifest(Open):
+    """What `Index.open` relies on; unknown extra keys are kept (they never steer anything)."""
+
+    format: str
+    version: int
+    created: Optional[str] = None
+    updated: Optional[str] = None
+    tokenizer: Annotated[str, Field(max_length=256)]
+    chunking: _Chunking
+    embedder: _Embedder
+    faiss: _Faiss
+    n_chunks: _Nat
+    n_tokens: _Nat
+    files: list[_FileEntry]
+    data: dict[str, _DataFile]
+
+
+class _BM25Meta(Strict):
+    k1: Annotated[float, Field(ge=0, le=100)]
+    b: Annotated[float, Field(ge=0, le=1)]
+    terms: list[Annotated[str, Field(max_length=1024)]]
 
 
 def _sha256(path: Path) -> str:
@@ -169,23 +234,37 @@ class Index:
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True) -> "Index":
-        """Load and check an index: format, version, checksums of every data file and their mutual consistency."""
+        """Load and check an index: format, version, the schema of every metadata file, the checksums of every data
+        file, and their agreement (chunk ranges, BM25 postings and vector count against the chunk count)."""
         p = Path(path)
-        manifest = cls.read_manifest(p)
+        raw_manifest = cls.read_manifest(p)
+        man = validate(IndexManifest, raw_manifest, f"{p}/manifest.json", _FIX, IndexStoreError)
+        if set(man.data) != set(DATA_FILES):
+            raise IndexStoreError(f"{p}/manifest.json does not list the data files {', '.join(DATA_FILES)}", _FIX)
+        for name in DATA_FILES:
+            f = p / name
+            if not f.is_file() or f.is_symlink():
+                raise IndexStoreError(f"{p} is incomplete: {name} is missing", _FIX)
+            if f.stat().st_size != man.data[name].bytes or (verify and _sha256(f) != man.data[name].sha256):
+                raise IndexStoreError(f"{p} is corrupt: {name} does not match its checksum", _FIX)
+        n = man.n_chunks
         try:
-            data = manifest["data"]
-            for name in DATA_FILES:
-                f = p / name
-                if not f.exists():
-                    raise IndexStoreError(f"{p} is incomplete: {name} is missing", _FIX)
-                if f.stat().st_size != data[name]["bytes"] or (verify and _sha256(f) != data[name]["sha256"]):
-                    raise IndexStoreError(f"{p} is corrupt: {name} does not match its checksum", _FIX)
-            files = manifest["files"]
             raw = json.loads((p / "chunks.json").read_text(encoding="utf-8"))
-            chunks = [Chunk(files[fi]["path"], s, e, sl, el, n, t) for fi, s, e, sl, el, n, t in raw["chunks"]]
-            bm_meta = json.loads((p / "bm25.json").read_text(encoding="utf-8"))
+            rows = raw["chunks"] if isinstance(raw, dict) else None
+            if not isinstance(rows, list) or len(rows) != n:
+                raise ValueError(f"chunks.json holds {len(rows) if isinstance(rows, list) else 'no'} chunks, the "
+                                 f"manifest says {n}")
+            chunks = [_chunk(row, man.files) for row in rows]
+            for i, f in enumerate(man.files):
+                a, b = f.chunks
+                if not 0 <= a <= b <= n or any(chunks[j].path != f.path for j in range(a, b)):
+                    raise ValueError(f"file {i} claims chunks {a}..{b}")
+            bm_meta = validate(_BM25Meta, json.loads((p / "bm25.json").read_text(encoding="utf-8")),
+                               f"{p}/bm25.json", _FIX, IndexStoreError)
             with np.load(p / "bm25.npz", allow_pickle=False) as z:
-                bm25 = BM25.from_arrays(bm_meta, {k: z[k] for k in z.files})
+                arrays = {k: z[k] for k in ("offsets", "ids", "tfs", "doc_len")}
+            _check_bm25(arrays, len(bm_meta.terms), n)
+            bm25 = BM25.from_arrays(bm_meta.model_dump(), arrays)
             faiss = _faiss()
             index = faiss.read_index(str(p / "vectors.faiss"))
         except IndexStoreError:
@@ -194,15 +273,15 @@ class Index:
             why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
             raise IndexStoreError(f"{p} is corrupt ({why})", _FIX) from None
         if hasattr(index, "hnsw"):
-            index.hnsw.efSearch = int(manifest.get("faiss", {}).get("ef_search", HNSW_EF_SEARCH))
-        if not (len(chunks) == index.ntotal == bm25.n_docs == manifest.get("n_chunks")):
+            index.hnsw.efSearch = man.faiss.ef_search
+        if not (len(chunks) == index.ntotal == bm25.n_docs == n):
             raise IndexStoreError(
                 f"{p} is inconsistent: {len(chunks)} chunks, {index.ntotal} vectors, {bm25.n_docs} BM25 documents",
                 _FIX)
-        if index.ntotal and index.d != manifest["embedder"].get("dim"):
-            raise IndexStoreError(f"{p} is inconsistent: vectors of size {index.d}, embedder size "
-                                  f"{manifest['embedder'].get('dim')}", _FIX)
-        return cls(p, manifest, chunks, index, bm25)
+        if index.ntotal and index.d != man.embedder.dim:
+            raise IndexStoreError(f"{p} is inconsistent: vectors of size {index.d}, embedder size {man.embedder.dim}",
+                                  _FIX)
+        return cls(p, raw_manifest, chunks, index, bm25)
 
     # -- facts ----------------------------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -289,12 +368,43 @@ def search_chunks(
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def _chunk(row, files) -> Chunk:
+    """One chunks.json row `[file index, start, end, start_line, end_line, tokens, text]`, checked."""
+    if not isinstance(row, list) or len(row) != 7:
+        raise ValueError("a chunk row is not a list of 7 fields")
+    fi, s, e, sl, el, n, t = row
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (fi, s, e, sl, el, n)) or \
+            not isinstance(t, str):
+        raise TypeError("a chunk row has fields of the wrong type")
+    if not (0 <= fi < len(files) and 0 <= s <= e and e - s == len(t) and 1 <= sl <= el and n >= 0):
+        raise ValueError("a chunk row is out of range")
+    return Chunk(files[fi].path, s, e, sl, el, n, t)
+
+
+def _check_bm25(a: dict, n_terms: int, n_docs: int) -> None:
+    """BM25 postings that cannot index out of bounds: offsets tile `ids`, ids name existing chunks."""
+    off, ids, tfs, lens = a["offsets"], a["ids"], a["tfs"], a["doc_len"]
+    if any(x.ndim != 1 for x in (off, ids, tfs, lens)) or off.dtype.kind not in "iu" or ids.dtype.kind not in "iu" \
+            or tfs.dtype.kind != "f" or lens.dtype.kind != "f":
+        raise ValueError("bm25.npz arrays have the wrong shape or type")
+    if len(off) != n_terms + 1 or (len(off) and (off[0] != 0 or off[-1] != len(ids) or (np.diff(off) < 0).any())):
+        raise ValueError("bm25.npz offsets do not tile the postings")
+    if len(tfs) != len(ids) or len(lens) != n_docs:
+        raise ValueError("bm25.npz arrays disagree in length")
+    if len(ids) and (ids.min() < 0 or ids.max() >= n_docs):
+        raise ValueError("bm25.npz postings point past the chunks")
+    if not (np.isfinite(tfs).all() and np.isfinite(lens).all()) or (tfs < 0).any() or (lens < 0).any():
+        raise ValueError("bm25.npz holds negative or non-finite counts")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building
 
 
 def _check_target(out: Path, rebuild: bool) -> dict | None:
     """The old manifest when `out` holds a compatible index; None for a new or emptied target."""
+    if out.is_symlink():
+        raise IndexStoreError(f"{out} is a symbolic link", "pass the index folder itself to -o")
     if not out.exists():
         return None
     if not out.is_dir():
@@ -306,6 +416,7 @@ def _check_target(out: Path, rebuild: bool) -> dict | None:
         return None
     try:
         manifest = Index.read_manifest(out)
+        validate(IndexManifest, manifest, f"{out}/manifest.json", _FIX, IndexStoreError)
     except IndexStoreError:
         # --rebuild may replace a damaged or older index of ours, never a folder holding anything else.
         ours = {p.name for p in out.iterdir()} <= {"manifest.json", *DATA_FILES}
@@ -337,19 +448,65 @@ def build_index(
     `embedder`: a sentence-transformers directory (default: the bundled all-MiniLM-L6-v2). `rebuild` ignores what
     is there and embeds everything again (also replaces a damaged index of ours).
     """
-    from ..textio import decode_bytes, looks_binary
-
     t0, c0 = time.perf_counter(), time.process_time()
     out = Path(out_dir).expanduser()
     if chunk_tokens < 16:
         raise InputError(f"chunk size {chunk_tokens} is too small", "use --chunk-tokens of at least 16")
     if not 0 <= overlap < chunk_tokens:
         raise InputError(f"overlap {overlap} must be >= 0 and below the chunk size {chunk_tokens}", "lower --overlap")
+    found = walk(paths, include, exclude)
+    with _build_lock(out, progress):
+        return _build(paths, found, out, chunk_tokens, overlap, embedder, hnsw_threshold, rebuild, batch_size, progress,
+                      t0, c0)
+
+
+def _build_lock(out: Path, progress: Progress | None):
+    """A lock per index folder (kept under the ctxc home, not beside the user's files): a second build of the same
+    folder waits for the first, then reads what it wrote, so the incremental logic still holds."""
+    from filelock import FileLock, Timeout
+
+    from ..paths import ctxc_home, ensure_dir
+
+    ensure_dir(out.parent if str(out.parent) else Path("."), "folder", "pass -o a folder you can write to")
+    key = hashlib.sha256(str(out.parent.resolve() / out.name).encode()).hexdigest()[:24]
+    locks = ensure_dir(ctxc_home() / "locks", "the lock folder", "point CTXC_HOME at a writable folder")
+    lock = FileLock(str(locks / f"index-{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            progress("wait", 0, 1)
+        try:
+            lock.acquire(timeout=3600)
+        except Timeout:
+            raise IndexStoreError(f"another build of {out} has been running for an hour", "wait for it, or stop "
+                                  "it") from None
+    except OSError as err:
+        raise InputError(f"cannot create {out} ({err.strerror or err})", "pass -o a folder you can write to") from None
+    return _Held(lock)
+
+
+class _Held:
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _build(paths, found, out: Path, chunk_tokens: int, overlap: int, embedder: str | None, hnsw_threshold: int,
+           rebuild: bool, batch_size: int, progress: Progress | None, t0: float, c0: float) -> BuildReport:
+    from ..textio import decode_bytes, looks_binary
+
     old_manifest = _check_target(out, rebuild)
-    files = walk_files(paths, include, exclude)
     out_res = out.resolve()
+    files = sorted({f.path.resolve() for f in found.files}, key=str)
     files = [f for f in files if out_res not in f.parents]  # never index the index
     report = BuildReport(str(out))
+    report.skipped.extend(found.skipped)
     spec = _embedder_spec(embedder)
     settings = {"chunk_tokens": chunk_tokens, "overlap": overlap, "chunker": CHUNKER_VERSION}
     tok = get_tokenizer("cl100k")
@@ -520,11 +677,12 @@ def _write_index(out: Path, manifest: dict, chunks: list[Chunk], chunk_files: li
             except BaseException:
                 os.replace(old, out)  # put the previous index back
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(out.parent, old)
         else:
             os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            remove_tree(out.parent, tmp)
         raise
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ctxc.cli import app
 from ctxc.errors import IndexStoreError, InputError
 from ctxc.retrievers.index import Index, build_index
-from ctxc.retrievers.walk import parse_gitignore, walk_files
+from ctxc.walk import parse_gitignore, walk_files
 from ctxc.tokenizers import get_tokenizer
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
