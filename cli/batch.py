@@ -11,6 +11,7 @@ import typer
 
 from . import app
 from ._common import die, err_console, handle_errors
+from ..textio import printable
 
 
 class BatchFormat(str, Enum):
@@ -112,7 +113,8 @@ def batch(
         typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
     _print_summary(console, summary)
     for rel in summary.unmatched_queries[:5]:
-        console.print(f"warning: --queries names {rel!r}, which is not among the files to compress")
+        console.print(printable(f"warning: --queries names {rel!r}, which is not among the files to compress"),
+                      markup=False)
     if summary.failed:
         first, reason = summary.failures[0]
         raise die(f"{summary.failed} file(s) failed; first: {first}: {reason}", 1)
@@ -120,6 +122,7 @@ def batch(
 
 def _print_summary(console, s) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title="ctxc batch", show_edge=False, box=None, title_justify="left")
     t.add_column("files", justify="right")
@@ -132,7 +135,7 @@ def _print_summary(console, s) -> None:
     t.add_section()
     t.add_row(f"{s.tokens_in:,}", "tokens in")
     t.add_row(f"{s.tokens_out:,}", f"tokens out (ratio {s.ratio:.2f}x)")
-    t.add_row(f"{s.seconds:.1f}s", f"{s.engine}, {s.workers} worker(s) -> {s.out_dir}")
+    t.add_row(f"{s.seconds:.1f}s", Text(printable(f"{s.engine}, {s.workers} worker(s) -> {s.out_dir}")))
     console.print(t)
     for rel, reason in s.failures[:5]:
-        console.print(f"failed: {rel}: {reason}")
+        console.print(printable(f"failed: {rel}: {reason}"), markup=False)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from ._common import err_console, handle_errors, stdin_or_path
+from ._common import dumps, emit_json, err_console, handle_errors, stdin_or_path
 
 
 class Format(str, Enum):
@@ -115,10 +115,10 @@ def compress(
     if fmt is Format.json:
         docs = [dict(res.to_json(), path=p or "-") for p, res in results]
         one = files is None or (len(docs) == 1 and not null)  # one input: an object; several: a list
-        out.write(json.dumps(docs[0] if one else docs, ensure_ascii=False) + "\n")
+        out.write(dumps(docs[0] if one else docs) + "\n")
     elif fmt is Format.jsonl:
         for p, res in results:
-            out.write(json.dumps(dict(res.to_json(), path=p or "-"), ensure_ascii=False) + "\n")
+            out.write(dumps(dict(res.to_json(), path=p or "-")) + "\n")
     elif len(results) == 1 and not null:
         text = results[0][1].text
         out.write(text + ("" if text.endswith("\n") else "\n"))
@@ -188,27 +188,32 @@ def count(
     rows.sort(key=lambda r: (-r[1], r[0]))
     total = sum(n for _, n in rows)
     if fmt is Format.json:
-        typer.echo(json.dumps({"tokenizer": tok.name, "files": [{"path": p, "tokens": n} for p, n in rows],
-                               "total": total, "skipped": skipped}, ensure_ascii=False))
+        emit_json({"tokenizer": tok.name, "files": [{"path": p, "tokens": n} for p, n in rows], "total": total,
+                   "skipped": skipped})
     elif fmt is Format.jsonl:
         for p, n in rows:
-            typer.echo(json.dumps({"path": p, "tokens": n}, ensure_ascii=False))
+            emit_json({"path": p, "tokens": n})
     elif len(rows) == 1 and rows[0][0] == "-":
         typer.echo(str(total))
     else:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        from ..textio import printable
 
         table = Table(show_edge=False, box=None)
         table.add_column("tokens", justify="right")
         table.add_column("path")
         for p, n in rows:
-            table.add_row(f"{n:,}", p)
+            table.add_row(f"{n:,}", Text(printable(p)))
         table.add_section()
         table.add_row(f"{total:,}", f"total ({len(rows)} files, {tok.name})")
         Console(highlight=False, soft_wrap=True).print(table)
     if skipped:
-        err_console().print(f"skipped {len(skipped)} file(s) that are not text: " + "; ".join(skipped[:5]))
+        from ..textio import printable
+
+        err_console().print(printable(f"skipped {len(skipped)} file(s): " + "; ".join(skipped[:5])), markup=False)
     if ceiling is not None and total > ceiling.resolve(total):
         raise OverBudgetError(f"{total:,} tokens is over --fail-if-over {fail_if_over}",
                               "shorten the input or compress it")

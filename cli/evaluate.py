@@ -66,12 +66,15 @@ def eval_cmd(
     else:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        from ..textio import printable
 
         head, rows = summary_rows(res)
         table = Table(show_edge=False, box=None)
         for i, h in enumerate(head):
             table.add_column(h, justify="left" if i < 2 else "right")
         for r in rows:
-            table.add_row(*r)
+            table.add_row(*(Text(printable(c)) for c in r))
         Console(highlight=False, soft_wrap=True).print(table)
     err_console().print(f"report: {files[0]}")

@@ -49,6 +49,7 @@ def build(
       ctxc index build notes/ -o idx --include '*.md' --exclude 'drafts/**'
     """
     from ..retrievers.index import build_index
+    from ..textio import printable
 
     console = err_console()
     bar = None
@@ -80,8 +81,8 @@ def build(
             kinds[why] = kinds.get(why, 0) + 1
         detail = ", ".join(f"{n} {why}" for why, n in sorted(kinds.items()))
         examples = "; ".join(p for p, _ in rep.skipped[:3])
-        console.print(f"ctxc: warning: skipped {len(rep.skipped)} file(s) ({detail}): {examples}"
-                      + (" ..." if len(rep.skipped) > 3 else ""))
+        console.print(printable(f"ctxc: warning: skipped {len(rep.skipped)} file(s) ({detail}): {examples}"
+                                + (" ..." if len(rep.skipped) > 3 else "")), markup=False)
     if fmt is Format.json:
         typer.echo(json.dumps(rep.to_json()))
         return
