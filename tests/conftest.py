@@ -33,6 +33,18 @@ def _seed():
         pass
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's model calls. The dev box's 2 cores are shared: with 2 OpenMP threads each bf16
+    matmul waits on a busy core (10x slower prefill/decode measured). Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def lm():
     """The default local LM (SmolLM2-135M-Instruct), loaded once."""

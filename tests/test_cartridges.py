@@ -28,14 +28,7 @@ runner = CliRunner()
 QUESTION = "Who is the story about?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The dev box's 2 cores are shared: with 2 OpenMP threads each bf16 matmul waits on a busy core (10x slower
-    # prefill/decode measured). One thread keeps this file's runtime predictable; restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
