@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _data import answer_in, qa_examples  # noqa: E402
 
 import ctxc  # noqa: E402
-from ctxc.evaluate import AnswerScorer  # noqa: E402
+from ctxc.apps.evaluate import AnswerScorer  # noqa: E402
 from ctxc.tokenizers import get_tokenizer  # noqa: E402
 
 METHODS = ["extractive", "abstractive", "extractive+abstractive"]

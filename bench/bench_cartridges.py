@@ -61,7 +61,7 @@ def main() -> None:
     from ctxc.cache_store import CartridgeStore, build, load
     from ctxc.cache_store import engine
     from ctxc.cache_store.cartridge import prefill_document
-    from ctxc.model import load_model
+    from ctxc.lm import cached_target_nll, load_model
 
     lm = load_model()
     torch.set_num_threads(args.threads)
@@ -89,7 +89,7 @@ def main() -> None:
             print(f"#   fresh prefill TTFT {ttft_prefill:.2f} s (prefill alone {pf.seconds:.2f} s)", flush=True)
             ref_nll = {}
             for k, qa in enumerate(qas):  # the reference: the full-precision cache straight from the prefill
-                ref_nll[k] = engine.answer_nll(lm, pf.cache, n, engine.question_ids(lm, qa["question"]),
+                ref_nll[k] = cached_target_nll(lm, pf.cache, n, engine.question_ids(lm, qa["question"]),
                                                lm.tokenizer.encode(qa["answer"]))
                 for layer in pf.cache.layers:
                     layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
@@ -112,7 +112,7 @@ def main() -> None:
                 for k, qa in enumerate(qas):
                     qi = engine.question_ids(lm, qa["question"])
                     ai = lm.tokenizer.encode(qa["answer"])
-                    nll = engine.answer_nll(lm, c.cache, c.position, qi, ai)
+                    nll = cached_target_nll(lm, c.cache, c.position, qi, ai)
                     for layer in c.cache.layers:
                         layer.keys, layer.values = layer.keys[..., :c.kept, :], layer.values[..., :c.kept, :]
                     nlls.append(nll)
@@ -149,7 +149,7 @@ def main() -> None:
             rc = DynamicCache(ddp_cache_data=pairs, config=lm.model.config)
             deltas = []
             for k, qa in enumerate(qas):
-                nll = engine.answer_nll(lm, rc, n, engine.question_ids(lm, qa["question"]),
+                nll = cached_target_nll(lm, rc, n, engine.question_ids(lm, qa["question"]),
                                         lm.tokenizer.encode(qa["answer"]))
                 for layer in rc.layers:
                     layer.keys, layer.values = layer.keys[..., :kept, :], layer.values[..., :kept, :]

@@ -80,7 +80,7 @@ def main() -> None:
         parsed = whole = within = 0
         fill, secs, toks = [], 0.0, 0
         if "LM" in label and opts.get("use_lm", True):
-            from ctxc.model import load_model
+            from ctxc.lm import load_model
 
             load_model()
         for mod, text, qual, short, source in cases:

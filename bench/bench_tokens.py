@@ -6,7 +6,7 @@
                                          [--llmlingua-time-box S]
                                          [--scorer-only] [--score-tokens 9216] [--score-layers 4 8] [--reps 3]
 
-First, the scorer itself, native (`ctxc.llama`, what `tokens` uses) vs transformers (`load_model`), in one run:
+First, the scorer itself, native (`ctxc.lm.llama`, what `tokens` uses) vs transformers (`load_model`), in one run:
 model load time in fresh processes (imports included, alternating backends), then scoring throughput of
 `token_surprisal` on real text cut like `tokens` cuts it (576-token sequences: 1 + 64 context + 511), full depth
 and `--score-layers K`, interleaved native/transformers in one process so machine load hits both alike, next to
@@ -116,7 +116,7 @@ def worker(spec_path: str) -> None:
     import torch
 
     import ctxc
-    from ctxc.model import load_scorer
+    from ctxc.lm import load_scorer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -273,7 +273,7 @@ def fmt_table(results: list[dict], ratios: list[int]) -> str:
 LOAD_CODE = """
 import time; t0 = time.perf_counter()
 import json, sys
-from ctxc.model import load_scorer
+from ctxc.lm import load_scorer
 lm = load_scorer(backend=sys.argv[1])
 print(json.dumps({"load_s": time.perf_counter() - t0, "native": lm.native,
                   "transformers_imported": "transformers" in sys.modules}))
@@ -339,12 +339,12 @@ def scorer_bench(args) -> None:
     import torch
 
     threads = args.threads
-    if not threads:  # ctxc.hw.lm_threads' rule: 2 threads on a busy 2-core box stall each other at every op
+    if not threads:  # ctxc.lm.hw.lm_threads' rule: 2 threads on a busy 2-core box stall each other at every op
         threads = 1 if os.getloadavg()[0] >= 1.5 * (os.cpu_count() or 1) else (os.cpu_count() or 1)
     os.environ["CTXC_THREADS"] = str(threads)  # the same count for every measurement below
     print(f"scorer: threads {threads}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     lt = load_times(args.reps)
-    from ctxc.model import load_scorer, token_surprisal
+    from ctxc.lm import load_scorer, token_surprisal
 
     native = load_scorer(backend="native")
     hf = load_scorer(backend="transformers")
@@ -372,7 +372,7 @@ def scorer_bench(args) -> None:
     n_layers = native.model.num_layers
     import numpy as np
 
-    print(f"\n### Scorer: native (ctxc.llama) vs transformers, {native.dtype}, {threads} threads, "
+    print(f"\n### Scorer: native (ctxc.lm.llama) vs transformers, {native.dtype}, {threads} threads, "
           f"load average {os.getloadavg()[0]:.1f}\n")
     print("| | native | transformers | ratio |\n|---|---|---|---|")
     if lt["native"] and lt["transformers"]:

@@ -6,9 +6,9 @@ answers a question from a cartridge (or, as the baseline, from a freshly prefill
 """
 
 from .cartridge import AskResult, BuildResult, LoadedCartridge, ask, build, cartridge_id, check_compatible, load
-from .engine import Settings
+from .engine import CartridgeSettings
 from .format import FORMAT_TAG, FORMAT_VERSION
 from .store import CartridgeStore, store_root
 
 __all__ = ["ask", "build", "load", "cartridge_id", "check_compatible", "AskResult", "BuildResult", "LoadedCartridge",
-           "Settings", "CartridgeStore", "store_root", "FORMAT_TAG", "FORMAT_VERSION"]
+           "CartridgeSettings", "CartridgeStore", "store_root", "FORMAT_TAG", "FORMAT_VERSION"]

@@ -18,8 +18,9 @@ from typing import Callable
 from .. import __version__
 from ..errors import CacheError, InputError
 from . import engine
-from .engine import Settings
+from .engine import CartridgeSettings
 from ..paths import remove_tree
+from ..settings import Settings
 from .format import FORMAT_TAG, FORMAT_VERSION, MANIFEST, TENSORS, address, dtype_name, read_manifest, \
     read_tensor_file, sha256_bytes, tensor_sha256
 from .store import CartridgeStore
@@ -50,9 +51,9 @@ class Prefilled:
 
 def prefill_document(text: str, *, lm=None, window: int = engine.DEFAULT_WINDOW,
                      chunk_size: int = engine.DEFAULT_CHUNK,
-                     progress: Callable[[int], None] | None = None) -> Prefilled:
+                     progress: Callable[[int], None] | None = None, settings: Settings | None = None) -> Prefilled:
     """Chunked prefill of the cartridge prompt (template prefix + `text`), capturing the SnapKV window queries."""
-    lm = _model(lm)
+    lm = _model(lm, settings)
     ids, n_prefix = engine.document_ids(lm, text)
     if len(ids) > lm.max_context:
         raise InputError(f"the document has {len(ids):,} tokens, more than the model's context of {lm.max_context:,}",
@@ -82,19 +83,19 @@ class AskResult:
     new_ids: list = field(default_factory=list)
 
 
-def _model(lm):
+def _model(lm, settings: Settings | None = None):
     if lm is not None:
         return lm
-    from ..model import load_model
+    from ..lm import load_model
 
-    return load_model()
+    return load_model(settings=settings)
 
 
 def document_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cartridge_id(lm, doc_sha: str, settings: Settings) -> str:
+def cartridge_id(lm, doc_sha: str, settings: CartridgeSettings) -> str:
     """The content address: everything that determines the stored tensors, hashed (see `format.address`)."""
     before, _, style = engine.prompt_parts(lm)
     return address(lm.fingerprint, lm.tokenizer.fingerprint, dtype_name(lm.dtype), doc_sha, before, style,
@@ -139,7 +140,8 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
           source: str | os.PathLike | None = None, store: CartridgeStore | None = None,
           chunk_size: int = engine.DEFAULT_CHUNK, window: int = engine.DEFAULT_WINDOW,
           group_size: int = engine.DEFAULT_GROUP, progress: Callable[[int], None] | None = None,
-          prefilled: Prefilled | None = None, key_axis: str = "channel") -> BuildResult:
+          prefilled: Prefilled | None = None, key_axis: str = "channel",
+          settings: Settings | None = None) -> BuildResult:
     """Prefill `text` with the local model and store its KV cache as a cartridge (or reuse an identical one).
 
     Parameters
@@ -152,21 +154,22 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
     source : where the text came from (recorded for `ls`, not used otherwise).
     progress : called with the number of tokens after each prefill chunk.
     prefilled : a `prefill_document` result for this text to reuse (its window must cover `window`).
+    settings : the ctxc settings (model, device, dtype, threads, kernels, where the store is).
     """
     t0 = time.perf_counter()
     if not text or not text.strip():
         raise InputError("the document is empty", "pass a file with text in it")
-    settings = Settings.parse(evict, quant, window=window, group_size=group_size, key_axis=key_axis)
+    spec = CartridgeSettings.parse(evict, quant, window=window, group_size=group_size, key_axis=key_axis)
     if chunk_size < 16:
         raise InputError(f"chunk size {chunk_size} is too small", "use e.g. --chunk-size 2048")
-    store = store or CartridgeStore()
-    lm = _model(lm)
+    store = store or CartridgeStore(settings=settings)
+    lm = _model(lm, settings)
     n_layers, kv_heads, head_dim = _kv_shape(lm)
-    if settings.quant != "none" and head_dim % min(settings.group_size, head_dim):
-        raise InputError(f"group size {settings.group_size} does not divide the head size {head_dim}",
+    if spec.quant != "none" and head_dim % min(spec.group_size, head_dim):
+        raise InputError(f"group size {spec.group_size} does not divide the head size {head_dim}",
                          "pick a smaller power of two")
     doc_sha = document_sha(text)
-    cid = cartridge_id(lm, doc_sha, settings)
+    cid = cartridge_id(lm, doc_sha, spec)
     notes: list[str] = []
     with store.lock(cid):
         if (store.exists(cid) or os.path.lexists(store.path(cid))) and _usable(store, cid, lm, text, notes):
@@ -177,16 +180,17 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
                 progress(m.get("tokens", 0))
             return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), True,
                                time.perf_counter() - t0, notes)
-        needs_window = settings.evict != "none"
-        if prefilled is None or prefilled.text != text or (needs_window and prefilled.window < settings.window):
-            prefilled = prefill_document(text, lm=lm, window=settings.window if settings.evict != "none" else 0,
-                                         chunk_size=chunk_size, progress=progress)
+        needs_window = spec.evict != "none"
+        if prefilled is None or prefilled.text != text or (needs_window and prefilled.window < spec.window):
+            prefilled = prefill_document(text, lm=lm, window=spec.window if spec.evict != "none" else 0,
+                                         chunk_size=chunk_size, progress=progress, settings=settings)
         ids, n_prefix, cache, queries, prefill_s = prefilled.ids, prefilled.n_prefix, prefilled.cache, \
             prefilled.queries, prefilled.seconds
         n = len(ids)
-        if settings.evict != "none" and prefilled.window != settings.window:
-            queries = {i: q[:, :, -settings.window:] for i, q in queries.items()}
-        tensors, kept = engine.to_tensors(lm, cache, settings, n_prefix, queries)
+        if spec.evict != "none" and prefilled.window != spec.window:
+            queries = {i: q[:, :, -spec.window:] for i, q in queries.items()}
+        tensors, kept = engine.to_tensors(lm, cache, spec, n_prefix, queries,
+                                           kernels=(settings or Settings.current()).kernels)
         del cache, queries, prefilled
         from safetensors.torch import save as st_save
 
@@ -197,13 +201,13 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
                        for k, t in sorted(tensors.items())}
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         before, after, style = engine.prompt_parts(lm)
-        quant_info: dict = {"method": settings.quant}
-        if settings.quant != "none":
-            quant_info.update(bits=8 if settings.quant == "int8" else 4, group_size=min(settings.group_size, head_dim),
-                              scale_dtype="float16", key_axis=settings.key_axis, value_axis="token",
+        quant_info: dict = {"method": spec.quant}
+        if spec.quant != "none":
+            quant_info.update(bits=8 if spec.quant == "int8" else 4, group_size=min(spec.group_size, head_dim),
+                              scale_dtype="float16", key_axis=spec.key_axis, value_axis="token",
                               scheme="asymmetric min/max, code*scale+zero")
-            if settings.key_axis == "channel":
-                quant_info["key_group_tokens"] = settings.group_size
+            if spec.key_axis == "channel":
+                quant_info["key_group_tokens"] = spec.group_size
         manifest = {
             "format": FORMAT_TAG, "format_version": FORMAT_VERSION, "id": cid, "name": name,
             "created": time.time(), "ctxc_version": __version__,
@@ -218,10 +222,10 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
                        "question_lead": engine.QUESTION_LEAD, "suffix": after},
             "tokens": n, "doc_tokens": n - n_prefix, "kept_tokens": kept,
             "layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim, "kv_dtype": dtype_name(lm.dtype),
-            "evict": None if settings.evict == "none" else {
-                "method": "snapkv", "ratio": settings.ratio, "window": min(settings.window, n),
-                "kernel": settings.kernel, "pooling": "avg", "protected_prefix_tokens": n_prefix},
-            "quant": quant_info, "settings": settings.key(), "settings_label": settings.label(),
+            "evict": None if spec.evict == "none" else {
+                "method": "snapkv", "ratio": spec.ratio, "window": min(spec.window, n),
+                "kernel": spec.kernel, "pooling": "avg", "protected_prefix_tokens": n_prefix},
+            "quant": quant_info, "settings": spec.key(), "settings_label": spec.label(),
             "bytes": {"tensors": tensor_bytes, "file": len(data), "per_token": round(len(data) / n, 1),
                       "fp16_per_token": 2 * n_layers * kv_heads * head_dim * 2},
             "files": {TENSORS: {"bytes": len(data), "sha256": sha256_bytes(data)}},
@@ -268,12 +272,12 @@ def check_compatible(m: dict, lm, cid: str) -> None:
                          f"remove it with `ctxc cache rm {short}` and build it again")
 
 
-def load(ref: str, *, lm=None, store: CartridgeStore | None = None) -> LoadedCartridge:
+def load(ref: str, *, lm=None, store: CartridgeStore | None = None, settings: Settings | None = None) -> LoadedCartridge:
     """Read, check (format, model, tokenizer, sizes, sha256) and rebuild a cartridge's cache. Nothing half-loaded
     ever comes back: every check runs before the cache is built."""
     t0 = time.perf_counter()
-    store = store or CartridgeStore()
-    lm = _model(lm)
+    store = store or CartridgeStore(settings=settings)
+    lm = _model(lm, settings)
     cid = store.resolve(ref)
     m = read_manifest(store.path(cid), cid)
     check_compatible(m, lm, cid)
@@ -314,7 +318,7 @@ class _Streamer:
 
 def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store: CartridgeStore | None = None,
         on_text: Callable[[str], None] | None = None, prefill: bool = False, encoding: str | None = None,
-        chunk_size: int = engine.DEFAULT_CHUNK) -> AskResult:
+        chunk_size: int = engine.DEFAULT_CHUNK, settings: Settings | None = None) -> AskResult:
     """Answer `question` about a document, from a cartridge when one can stand for it, else after a fresh prefill.
 
     `target` is resolved like this: an existing file is taken by its *content*: a cartridge built from exactly this
@@ -331,7 +335,7 @@ def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store
 
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {max_new_tokens} is not positive", "use e.g. --max-new-tokens 128")
-    store = store or CartridgeStore()
+    store = store or CartridgeStore(settings=settings)
     p = Path(target)
     is_file = p.is_file()
     cid = None if (prefill or is_file) else store.find(target)
@@ -340,7 +344,7 @@ def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store
                          "list cartridges with `ctxc cache ls`, or pass a text file")
     text = read_text(p, encoding) if is_file else None
     t_load = time.perf_counter()
-    lm = _model(lm)
+    lm = _model(lm, settings)
     load_s = time.perf_counter() - t_load  # ~0 when this process already holds the model
     q_ids = engine.question_ids(lm, question)
     notes: list[str] = []
@@ -353,7 +357,7 @@ def ask(target: str, question: str, *, max_new_tokens: int = 128, lm=None, store
     stats: dict = {}
     gen = engine.Generation(t0=time.perf_counter())
     if cid is not None:
-        c = load(cid, lm=lm, store=store)
+        c = load(cid, lm=lm, store=store, settings=settings)
         _check_fits(lm, c.position, len(q_ids), f"cartridge {cid[:12]}")
         cache, position, cache_tokens = c.cache, c.position, c.kept
         stats.update(source="cartridge", cartridge=cid, load_cartridge_s=round(c.seconds, 4))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import CacheError, InputError
+from ..lm.scoring import cache_kwarg
 
 _MARK = "\ue000ctxc-document\ue000"
 QUESTION_LEAD = "\n\nQuestion: "
@@ -23,7 +24,7 @@ DEFAULT_GROUP = 64
 
 
 @dataclass
-class Settings:
+class CartridgeSettings:
     """What a cartridge is built with (part of its content address)."""
 
     evict: str = "none"  # "none" or "snapkv"
@@ -36,7 +37,7 @@ class Settings:
 
     @classmethod
     def parse(cls, evict: str | None = None, quant: str | None = None, window: int = DEFAULT_WINDOW,
-              group_size: int = DEFAULT_GROUP, key_axis: str = "channel") -> "Settings":
+              group_size: int = DEFAULT_GROUP, key_axis: str = "channel") -> "CartridgeSettings":
         """`evict`: none | snapkv:RATIO (0 <= RATIO < 1, the fraction removed); `quant`: none | int8 | int4;
         `key_axis`: channel (keys quantized per channel over `group_size` tokens) | token (over head_dim)."""
         if key_axis not in ("channel", "token"):
@@ -119,15 +120,6 @@ def question_ids(lm, question: str) -> list[int]:
 # ---------------------------------------------------------------- prefill
 
 
-def _cache_kw(model) -> str:
-    """The forward() argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before (which
-    recent versions still accept, with a FutureWarning on every call)."""
-    import inspect
-
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _attention_modules(model) -> list:
     """The self-attention modules, in layer order (anything with q_proj and a layer_idx)."""
     mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
@@ -186,7 +178,7 @@ def prefill(lm, ids: list[int], chunk_size: int = DEFAULT_CHUNK, cache=None, win
     bounds.append(n)
     logits = None
     handles = []
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     try:
         with torch.inference_mode():
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -213,7 +205,7 @@ def cache_layers(cache) -> list[tuple]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def snapkv_keep(queries, keys, n_keep: int, protect: int, kernel: int):
+def snapkv_keep(queries, keys, n_keep: int, protect: int, kernel: int, kernels: str | None = None):
     """Indices [B, Hkv, n_keep] (sorted) of the entries SnapKV keeps in one layer: the window, the `protect` first
     (template) entries, and the best-scored rest per KV head."""
     import torch
@@ -221,7 +213,7 @@ def snapkv_keep(queries, keys, n_keep: int, protect: int, kernel: int):
     from ..kernels.snapkv import snapkv_scores
 
     S, W = keys.shape[2], queries.shape[2]
-    scores = snapkv_scores(queries, keys, kernel=kernel)  # [B, Hkv, S - W]
+    scores = snapkv_scores(queries, keys, kernel=kernel, backend=kernels)  # [B, Hkv, S - W]
     if protect:
         scores[..., :protect] = float("inf")
     top = scores.topk(n_keep - W, dim=-1).indices
@@ -229,8 +221,10 @@ def snapkv_keep(queries, keys, n_keep: int, protect: int, kernel: int):
     return torch.cat((top, win), dim=-1).sort(dim=-1).values
 
 
-def to_tensors(lm, cache, settings: Settings, n_prefix: int, queries: dict | None = None) -> tuple[dict, int]:
-    """Turn a filled cache into the cartridge's named CPU tensors (see `format.py`). Returns (tensors, kept)."""
+def to_tensors(lm, cache, settings: CartridgeSettings, n_prefix: int, queries: dict | None = None,
+               kernels: str | None = None) -> tuple[dict, int]:
+    """Turn a filled cache into the cartridge's named CPU tensors (see `format.py`). Returns (tensors, kept).
+    `kernels`: the fused-kernel backend (the `kernels` setting)."""
     import torch
 
     layers = cache_layers(cache)
@@ -245,7 +239,7 @@ def to_tensors(lm, cache, settings: Settings, n_prefix: int, queries: dict | Non
             if i not in queries:
                 raise CacheError(f"no observation-window queries were captured for layer {i}",
                                  "this model's attention is not supported by --evict; build without it")
-            idx = snapkv_keep(queries[i], k, kept, n_prefix, settings.kernel)
+            idx = snapkv_keep(queries[i], k, kept, n_prefix, settings.kernel, kernels)
             gather = idx[..., None].expand(-1, -1, -1, k.shape[-1])
             k, v = k.gather(2, gather), v.gather(2, gather)
             out[f"layers.{i}.pos"] = idx[0].to(torch.int32).cpu().contiguous()
@@ -258,14 +252,14 @@ def to_tensors(lm, cache, settings: Settings, n_prefix: int, queries: dict | Non
             for name, t in (("k", k), ("v", v)):
                 by_channel = name == "k" and settings.key_axis == "channel"
                 g = settings.group_size if by_channel else min(settings.group_size, t.shape[-1])
-                q = quantize_kv(t, bits, g, by_channel)
+                q = quantize_kv(t, bits, g, by_channel, kernels)
                 out[f"layers.{i}.{name}.codes"] = q.codes.cpu().contiguous()
                 out[f"layers.{i}.{name}.scale"] = q.scale.cpu().contiguous()
                 out[f"layers.{i}.{name}.zero"] = q.zero.cpu().contiguous()
     return out, kept
 
 
-def quantize_kv(t, bits: int, group_size: int, by_channel: bool):
+def quantize_kv(t, bits: int, group_size: int, by_channel: bool, kernels: str | None = None):
     """Quantize one layer's keys or values [Hkv, S, D]. `by_channel` (KIVI's choice for keys, whose outliers sit in
     a few channels): groups run over `group_size` tokens of one channel, the token axis padded by repeating the last
     token (which cannot widen any group's range). Otherwise groups run over head_dim within one token."""
@@ -274,12 +268,12 @@ def quantize_kv(t, bits: int, group_size: int, by_channel: bool):
     from ..kernels.kv_quant import quantize
 
     if not by_channel:
-        return quantize(t, bits, group_size)
+        return quantize(t, bits, group_size, kernels)
     x = t.transpose(-1, -2)
     pad = (-x.shape[-1]) % group_size
     if pad:
         x = torch.cat((x, x[..., -1:].expand(*x.shape[:-1], pad)), dim=-1)
-    return quantize(x.contiguous(), bits, group_size)
+    return quantize(x.contiguous(), bits, group_size, kernels)
 
 
 def dequantize_kv(codes, scale, zero, bits: int, group_size: int, by_channel: bool, tokens: int, head_dim: int, dtype):
@@ -346,7 +340,7 @@ def check_document(lm, tensors: dict, manifest: dict, ids: list[int], chunk_size
     quantization error). A prefill is what a fresh answer costs; it is paid once per imported cartridge."""
     import torch
 
-    from ..model import first_layers
+    from ..lm import first_layers
 
     if len(ids) != manifest["tokens"]:
         return f"the document has {len(ids):,} tokens, the cartridge {manifest['tokens']:,}"
@@ -400,7 +394,7 @@ def greedy(lm, cache, suffix_ids: list[int], position: int, max_new_tokens: int,
     stop = stop_ids if stop_ids is not None else eos_ids(lm)
     x = torch.tensor([suffix_ids], dtype=torch.long, device=lm.device)
     pos = position
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     with torch.inference_mode():
         for step in range(max_new_tokens):
             # Explicit positions: after eviction the cache is shorter than the text it stands for, and RoPE must
@@ -435,17 +429,3 @@ def eos_ids(lm) -> set[int]:
         if tid is not None:
             ids.add(int(tid))
     return ids
-
-
-def answer_nll(lm, cache, position: int, prompt_ids: list[int], answer_ids: list[int]) -> float:
-    """Mean NLL (nats/token) of `answer_ids` after `cache` + `prompt_ids` (teacher forcing). Used by the benchmark."""
-    import torch
-
-    ids = prompt_ids + answer_ids
-    x = torch.tensor([ids], dtype=torch.long, device=lm.device)
-    p = torch.arange(position, position + len(ids), device=lm.device)[None]
-    with torch.inference_mode():
-        logits = lm.model(input_ids=x, position_ids=p, use_cache=True, **{_cache_kw(lm.model): cache}).logits[0].float()
-    tgt = torch.tensor(answer_ids, device=lm.device)
-    lp = torch.log_softmax(logits[len(prompt_ids) - 1: len(ids) - 1], dim=-1)
-    return float(-lp.gather(1, tgt[:, None]).mean())

@@ -277,7 +277,7 @@ def expected_tensors(man: Manifest) -> dict[str, tuple[str, list[int]]]:
 
 
 def _inconsistency(man: Manifest, m: dict) -> str | None:
-    from .engine import Settings
+    from .engine import CartridgeSettings
 
     if man.doc_tokens + man.prompt.prefix_tokens != man.tokens:
         return f"doc_tokens {man.doc_tokens} + prefix_tokens {man.prompt.prefix_tokens} != tokens {man.tokens}"
@@ -301,10 +301,10 @@ def _inconsistency(man: Manifest, m: dict) -> str | None:
     if man.kv_dtype != man.model.dtype:
         return f"kv_dtype {man.kv_dtype} differs from the model dtype {man.model.dtype}"
     try:
-        settings = Settings.parse(
+        settings = CartridgeSettings.parse(
             f"snapkv:{man.evict.ratio!r}" if man.evict else None, q.method,
-            window=man.evict.window if man.evict else Settings.window,
-            group_size=q.group_size if isinstance(q, QuantInt) else Settings.group_size,
+            window=man.evict.window if man.evict else CartridgeSettings.window,
+            group_size=q.group_size if isinstance(q, QuantInt) else CartridgeSettings.group_size,
             key_axis=q.key_axis if isinstance(q, QuantInt) else "channel")
     except CacheError as err:
         return err.message

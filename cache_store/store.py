@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CacheError, InputError
-from ..paths import atomic_write_text, ctxc_home, ensure_dir, remove_tree
+from ..paths import atomic_write_text, ensure_dir, remove_tree
+from ..settings import Settings
 from .format import FILES, MANIFEST, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, TENSORS, parse_manifest, read_manifest, \
     read_tensor_file
 
@@ -38,17 +39,12 @@ ORIGIN = "origin.json"
 STALE_TMP_S = 3600
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _IMPORT_FIX = "the archive is damaged or was not made by `ctxc cache export`; export the cartridge again"
-# Largest tensor file an import accepts (the manifest's own size is checked against its shapes as well).
-MAX_IMPORT_BYTES = int(os.environ.get("CTXC_MAX_IMPORT_BYTES") or 64 << 30)
 
 
-def store_root(root: str | os.PathLike | None = None) -> Path:
-    """`root`, else `$CTXC_CARTRIDGES`, else `$CTXC_HOME/cartridges` (created on first use)."""
+def store_root(root: str | os.PathLike | None = None, settings: Settings | None = None) -> Path:
+    """`root`, else the `cartridges` setting, else `<home>/cartridges` (created on first use)."""
     if root is None:
-        env = os.environ.get("CTXC_CARTRIDGES")
-        if env:
-            return ensure_dir(Path(env).expanduser(), "CTXC_CARTRIDGES", "point CTXC_CARTRIDGES at a writable folder")
-        return ensure_dir(ctxc_home() / "cartridges", "the cartridge store", "point CTXC_HOME at a writable folder")
+        return (settings or Settings.current()).cartridges_dir()
     return ensure_dir(Path(root), "the cartridge store", "pass a writable folder")
 
 
@@ -107,8 +103,9 @@ class Entry:
 class CartridgeStore:
     """Listing, lookup, removal, verification, gc and tar export/import of cartridges."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = store_root(root).resolve()
+    def __init__(self, root: str | os.PathLike | None = None, settings: Settings | None = None):
+        self.settings = settings or Settings.current()
+        self.root = store_root(root, self.settings).resolve()
 
     # ------------------------------------------------------------ layout
 
@@ -431,8 +428,9 @@ class CartridgeStore:
                             raise refuse(f"the manifest's id {m['id']!r} does not match its folder {cid!r}")
                         (tmp / MANIFEST).write_bytes(data)
                         want = m["files"][TENSORS]["bytes"]
-                        if want > MAX_IMPORT_BYTES:
-                            raise refuse(f"its tensors are {want:,} bytes, over the limit of {MAX_IMPORT_BYTES:,} "
+                        limit = self.settings.max_import_bytes
+                        if want > limit:
+                            raise refuse(f"its tensors are {want:,} bytes, over the limit of {limit:,} "
                                          "(CTXC_MAX_IMPORT_BYTES)")
                         stream.limit += want + MAX_HEADER_BYTES + 64 * 1024
                     else:

@@ -105,6 +105,64 @@ def dumps(obj, indent: int | None = None) -> str:
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False, indent=indent))
 
 
+def settings_of(ctx: "typer.Context", **overrides):
+    """The command's `Settings`: what the global options resolved (flags > env > ./ctxc.toml > user file > default),
+    with this command's own options on top (None leaves a setting alone)."""
+    from ..settings import Settings
+
+    base = ctx.obj if isinstance(getattr(ctx, "obj", None), Settings) else Settings.resolve()
+    return base.replace(**overrides)
+
+
+def parse_options(pairs: list[str] | None, **aliases) -> dict:
+    """`-O key=value` pairs (repeatable) plus the convenience flags that alias options (`--mode`, `--layers`, ...)
+    as one options dict; values stay strings and are typed by the registry against the method's fields.
+
+    >>> parse_options(["layers=4", "keep=\\d+"], mode="head")
+    {'mode': 'head', 'layers': '4', 'keep': '\\d+'}
+    """
+    from ..errors import MethodError
+
+    out = {k: v for k, v in aliases.items() if v is not None and v != [] and v is not False}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise MethodError(f"bad method option {pair!r}", "write -O key=value, e.g. -O layers=4")
+        if key in out:  # a repeated option is a list (for list options such as keep=REGEX)
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
+        else:
+            out[key] = value
+    return out
+
+
+class progress_bar:
+    """A context manager giving the library a progress callback `(done, total, what)` that draws a bar on stderr
+    when stderr is a terminal (and `enabled`), and does nothing otherwise. Only the CLI draws bars."""
+
+    def __init__(self, enabled: bool = True, label: str = ""):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label, self.bar, self.task = label, None, None
+
+    def __enter__(self):
+        return self if self.enabled else None
+
+    def __call__(self, done: int, total: int, what: str = "") -> None:
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=err_console(), transient=True)
+            self.task = self.bar.add_task(self.label, total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done, total=total,
+                        description=printable(f"{self.label} {what}".strip())[:60])
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def stdin_or_path(path: str | None) -> str | None:
     """'-' or no path with piped stdin means stdin; returns None for stdin."""
     if path is None or path == "-":

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from ._common import die, err_console, handle_errors
+from .app import app
+from ._common import die, err_console, handle_errors, parse_options, settings_of
 from ..textio import printable
 
 
@@ -28,6 +28,7 @@ class Engine(str, Enum):
 @app.command()
 @handle_errors
 def batch(
+    ctx: typer.Context,
     in_dir: Annotated[str, typer.Argument(help="Directory to compress (never written to).")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Output directory (mirrors IN_DIR; must not overlap it).")],
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Per file: 4k, 4096, 25% or x4 (default from config, else x4).")] = None,
@@ -43,6 +44,7 @@ def batch(
     encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8); outputs are UTF-8.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="truncate: head, tail or head+tail.")] = None,
     mark_gaps: Annotated[bool, typer.Option("--mark-gaps", help="Put … on its own line where text was cut.")] = False,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", metavar="KEY=VALUE", help="A method option (repeatable), checked against the method's options: see `ctxc methods`.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo every file, ignoring manifest.jsonl.")] = False,
     fmt: Annotated[BatchFormat, typer.Option("--format", "-f", help="text: summary table on stderr; json: summary on stdout; jsonl: one line per file on stdout.")] = BatchFormat.text,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
@@ -60,17 +62,17 @@ def batch(
       ctxc batch reports/ -o out/ -b 1k --queries questions.jsonl --format jsonl | jq .output_tokens
       ctxc batch big/ -o big.min/ -b x4 --engine ray --address 10.0.0.5:6379 -j 16
     """
-    from .. import config
-    from ..batch import BatchSettings, read_queries, run_batch
+    from ..apps.batch import BatchSettings, read_queries, run_batch
 
+    config = settings_of(ctx, budget=budget, tokenizer=tokenizer, encoding=encoding, jobs=jobs,
+                         engine=engine.value if engine else None, include=include or None, exclude=exclude or None)
     settings = BatchSettings(
-        budget=budget or config.get("budget"), method=method or config.get("method"),
-        tokenizer=tokenizer or config.get("tokenizer"), query=query, encoding=encoding or config.get("encoding"),
-        options={k: v for k, v in {"mode": mode, "mark_gaps": mark_gaps or None}.items() if v is not None},
+        budget=config.budget, method=method or config.method, tokenizer=config.tokenizer, query=query,
+        encoding=config.encoding, options=parse_options(option, mode=mode, mark_gaps=mark_gaps),
+        config=config.to_dict(),
     )
     per_file = read_queries(queries) if queries else None
-    eng = (engine.value if engine else None) or config.get("engine")
-    n_jobs = jobs or config.get("jobs")
+    eng, n_jobs = config.engine, config.jobs
     console = err_console()
     bar = task = None
     if progress:
@@ -102,9 +104,8 @@ def batch(
             bar.update(task, advance=1, tokens=counter["tokens"])
 
     try:
-        summary = run_batch(in_dir, out_dir, settings, include=include or config.get("include"),
-                            exclude=exclude or config.get("exclude"), queries=per_file, jobs=n_jobs, engine=eng,
-                            address=address, force=force, on_plan=on_plan,
+        summary = run_batch(in_dir, out_dir, settings, include=list(config.include), exclude=list(config.exclude),
+                            queries=per_file, jobs=n_jobs, engine=eng, address=address, force=force, on_plan=on_plan,
                             on_result=on_result)
     finally:
         if bar is not None and task is not None:  # stopping a bar that never started would print a blank line

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from enum import Enum
@@ -11,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from ._common import Format, dumps, emit_json, err_console, handle_errors, human_bytes
+from .app import app
+from ._common import Format, dumps, emit_json, err_console, handle_errors, human_bytes, settings_of
 
 cache_app = typer.Typer(
     name="cache",
@@ -45,14 +44,10 @@ def _age(ts: float | None) -> str:
     return f"{s:.0f}s ago"
 
 
-def _set_model(model: str | None) -> None:
-    if model:
-        os.environ["CTXC_MODEL"] = model
-
-
 @cache_app.command("build")
 @handle_errors
 def build_cmd(
+    ctx: typer.Context,
     path: Annotated[str, typer.Argument(help="Text file, or a directory (one cartridge per text file).")],
     evict: Annotated[str, typer.Option("--evict", help="none, or snapkv:RATIO (fraction of KV entries removed).")] = "none",
     quant: Annotated[Quant, typer.Option("--quant", help="Store keys/values as is, or group-wise int8 / int4.")] = Quant.none,
@@ -76,16 +71,17 @@ def build_cmd(
       ctxc cache build docs/ --quant int8
     """
     from ..cache_store.cartridge import build
-    from ..cache_store.engine import Settings, document_ids
+    from ..cache_store.engine import CartridgeSettings, document_ids
     from ..cache_store.store import CartridgeStore
     from ..errors import InputError
-    from ..model import load_model
+    from ..lm import load_model
     from ..textio import printable, read_text
     from ..walk import walk
 
-    _set_model(model)
+    settings = settings_of(ctx, model=model, encoding=encoding)
+    encoding = settings.encoding
     key_axis = key_axis or KeyAxis.channel
-    Settings.parse(evict, quant.value, window=window, group_size=group_size, key_axis=key_axis.value)  # bad options fail before the model loads
+    CartridgeSettings.parse(evict, quant.value, window=window, group_size=group_size, key_axis=key_axis.value)  # bad options fail before the model loads
     root = Path(path)
     if not root.exists():
         raise InputError(f"{path} does not exist", "pass a text file or a directory of text files")
@@ -104,8 +100,8 @@ def build_cmd(
             skipped.append(f"{f.path}: {err.message}")
     if not docs:
         raise InputError(f"no text files in {path}", "; ".join(skipped[:3]))
-    lm = load_model()
-    store = CartridgeStore()
+    lm = load_model(settings=settings)
+    store = CartridgeStore(settings=settings)
     console = err_console()
     counts = [len(document_ids(lm, t)[0]) for _, _, t in docs]
     results = []
@@ -129,7 +125,7 @@ def build_cmd(
 
             r = build(text, lm=lm, evict=evict, quant=quant.value, name=label, source=f, store=store,
                       chunk_size=chunk_size, window=window, group_size=group_size, progress=step,
-                      key_axis=key_axis.value)
+                      key_axis=key_axis.value, settings=settings)
             if done["n"] < n:
                 bar.advance(task, n - done["n"])
             results.append((f, r))
@@ -154,12 +150,13 @@ def build_cmd(
 @cache_app.command("ls")
 @handle_errors
 def ls_cmd(
+    ctx: typer.Context,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="text (table) or json (list of objects).")] = Format.text,
 ):
     """List cartridges, most recently used first."""
     from ..cache_store.store import CartridgeStore
 
-    store = CartridgeStore()
+    store = CartridgeStore(settings=settings_of(ctx))
     entries = sorted(store.entries(), key=lambda e: -e.last_used)
     rows = [e.summary() for e in entries]
     if fmt is Format.json:
@@ -197,13 +194,14 @@ def ls_cmd(
 @cache_app.command("show")
 @handle_errors
 def show_cmd(
+    ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="Cartridge id, unique id prefix or name.")],
     tensors: Annotated[bool, typer.Option("--tensors", help="Include every tensor's shape, dtype and sha256.")] = False,
 ):
     """Print a cartridge's manifest (JSON)."""
     from ..cache_store.store import CartridgeStore
 
-    store = CartridgeStore()
+    store = CartridgeStore(settings=settings_of(ctx))
     m = store.manifest(ref)
     if not tensors:
         m = {k: v for k, v in m.items() if k != "tensors"}
@@ -216,12 +214,13 @@ def show_cmd(
 @cache_app.command("rm")
 @handle_errors
 def rm_cmd(
+    ctx: typer.Context,
     refs: Annotated[list[str], typer.Argument(help="Cartridge ids, unique id prefixes or names.")],
 ):
     """Delete cartridges."""
     from ..cache_store.store import CartridgeStore
 
-    store = CartridgeStore()
+    store = CartridgeStore(settings=settings_of(ctx))
     ids = [store.resolve(r) for r in refs]  # every name must resolve before anything is deleted
     for cid in dict.fromkeys(ids):
         store.remove(cid)
@@ -231,6 +230,7 @@ def rm_cmd(
 @cache_app.command("verify")
 @handle_errors
 def verify_cmd(
+    ctx: typer.Context,
     ref: Annotated[Optional[str], typer.Argument(help="One cartridge (default: all).")] = None,
 ):
     """Check manifests, file sizes and sha256 checksums; exit 1 if any cartridge is damaged."""
@@ -238,7 +238,7 @@ def verify_cmd(
 
     from ..textio import printable
 
-    store = CartridgeStore()
+    store = CartridgeStore(settings=settings_of(ctx))
     results = store.verify(ref)
     bad = 0
     for cid, problem in results:
@@ -256,6 +256,7 @@ def verify_cmd(
 @cache_app.command("gc")
 @handle_errors
 def gc_cmd(
+    ctx: typer.Context,
     max_size: Annotated[str, typer.Option("--max-size", help="Keep the store under this size, e.g. 2G or 500M.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would be removed.")] = False,
 ):
@@ -264,7 +265,7 @@ def gc_cmd(
     from ..cache_store.store import CartridgeStore
 
     limit = parse_size(max_size)
-    removed, left = CartridgeStore().gc(limit, dry_run=dry_run)
+    removed, left = CartridgeStore(settings=settings_of(ctx)).gc(limit, dry_run=dry_run)
     for cid in removed:
         typer.echo(("would remove " if dry_run else "removed ") + cid)
     err_console().print(f"{len(removed)} cartridge(s) {'to remove' if dry_run else 'removed'}; "
@@ -274,25 +275,27 @@ def gc_cmd(
 @cache_app.command("export")
 @handle_errors
 def export_cmd(
+    ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="Cartridge id, unique id prefix or name.")],
     out: Annotated[str, typer.Option("--output", "-o", help="Tar file to write.")],
 ):
     """Write a cartridge (manifest + tensors) to a tar file, after checking its checksums."""
     from ..cache_store.store import CartridgeStore
 
-    cid, path = CartridgeStore().export(ref, out)
+    cid, path = CartridgeStore(settings=settings_of(ctx)).export(ref, out)
     err_console().print(f"exported {cid} to {path}")
 
 
 @cache_app.command("import")
 @handle_errors
 def import_cmd(
+    ctx: typer.Context,
     path: Annotated[str, typer.Argument(help="Tar file written by `ctxc cache export`.")],
 ):
     """Add a cartridge from a tar file (checksums are checked first); prints its id."""
     from ..cache_store.store import CartridgeStore
 
-    cid, added = CartridgeStore().import_tar(path)
+    cid, added = CartridgeStore(settings=settings_of(ctx)).import_tar(path)
     typer.echo(cid)
     err_console().print(f"{'imported' if added else 'already present:'} {cid} (checked against its document the "
                         "first time that document is built or asked about)", markup=False)
@@ -301,6 +304,7 @@ def import_cmd(
 @app.command()
 @handle_errors
 def ask(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="Cartridge (id, unique id prefix or name), else a text file.")],
     question: Annotated[Optional[str], typer.Argument(help="The question.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")] = 128,
@@ -323,7 +327,8 @@ def ask(
     from ..cache_store.store import CartridgeStore
     from ..errors import CacheError, InputError
 
-    store = CartridgeStore()
+    settings = settings_of(ctx, encoding=encoding)
+    store = CartridgeStore(settings=settings)
     if name:
         if question is not None:
             raise InputError("with --name, pass only the question", f'ctxc ask --name {name} "question"')
@@ -339,7 +344,7 @@ def ask(
         sys.stdout.flush()
 
     res = run(target, question, max_new_tokens=max_new_tokens, store=store, on_text=emit, prefill=prefill,
-              encoding=encoding)
+              encoding=settings.encoding, settings=settings)
     sys.stdout.write("\n")
     sys.stdout.flush()
     from ..textio import printable

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from ._common import dumps, emit_json, err_console, handle_errors, stdin_or_path
+from .app import app
+from ._common import dumps, emit_json, err_console, handle_errors, parse_options, settings_of, stdin_or_path
 
 
 class Format(str, Enum):
@@ -55,6 +55,7 @@ def _input_paths(paths: Optional[list[str]], null: bool) -> Optional[list[str]]:
 @app.command()
 @handle_errors
 def compress(
+    ctx: typer.Context,
     paths: Annotated[Optional[list[str]], typer.Argument(help="File(s) to compress; '-' or nothing reads stdin.", show_default=False)] = None,
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="4k, 4096, 1.5k, 25% (of the input) or x4; default from config, else x4.")] = None,
     query: Annotated[Optional[str], typer.Option("--query", "-q", help="Question the output must answer.")] = None,
@@ -69,6 +70,7 @@ def compress(
     keep: Annotated[Optional[list[str]], typer.Option("--keep", help="tokens: regex whose matches always survive (repeatable).")] = None,
     keep_structure: Annotated[bool, typer.Option("--keep-structure", help="tokens: keep newlines and indentation.")] = False,
     layers: Annotated[Optional[int], typer.Option("--layers", help="tokens: score with the first K transformer layers only.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", metavar="KEY=VALUE", help="A method option (repeatable), checked against the method's options: see `ctxc methods`.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print one JSON line of figures per file to stderr.")] = False,
     fail_if_over: Annotated[Optional[str], typer.Option("--fail-if-over", metavar="N", help="Exit 3, printing nothing, if the best output is empty or over N tokens (4k, 25%, x4).")] = None,
 ):
@@ -81,30 +83,36 @@ def compress(
       ctxc compress report.txt --budget 4k
       cat notes.md | ctxc compress --budget 25% --query "deadlines"
       ctxc compress doc.txt -b x10 -m truncate --mode head+tail --format json
+      ctxc compress doc.txt -b 2k -q "who signed?" -m tokens -O layers=4 -O protect=0.5
       ctxc compress doc.txt -b x4 --fail-if-over 8k   # CI: exit 3 if 4x is still over 8k tokens
       git ls-files -z '*.md' | ctxc compress -0 -b 500 -f jsonl
     """
-    from .. import config
     from ..api import compress as run
     from ..budget import Budget
-    from ..compressors.registry import auto_method
+    from ..compressors.registry import auto_method, declares, get_compressor
     from ..errors import OverBudgetError
     from ..textio import read_text
 
-    budget = config.get("budget") if budget is None else budget
-    Budget.parse(budget)  # fail on a bad budget (an empty one too) before reading stdin
+    settings = settings_of(ctx, budget=budget, tokenizer=tokenizer, encoding=encoding,
+                           coarse_threshold=coarse_threshold)
+    Budget.parse(budget if budget is not None else settings.budget)  # a bad (or empty) budget fails before stdin
     ceiling = Budget.parse(fail_if_over) if fail_if_over is not None else None
-    encoding = encoding or config.get("encoding")
+    options = parse_options(option, mode=mode, mark_gaps=mark_gaps, keep=keep, keep_structure=keep_structure,
+                            layers=layers)
+    if method or settings.method:
+        get_compressor(method or settings.method, settings, **options)  # bad options fail before stdin is read
     files = _input_paths(paths, null)
     # Read everything first, so a bad input fails before anything reaches stdout.
-    inputs = [(None, read_text(None, encoding))] if files is None else [(p, read_text(p, encoding)) for p in files]
+    read = dict(encoding=settings.encoding, max_bytes=settings.max_input_bytes)
+    inputs = [(None, read_text(None, **read))] if files is None else [(p, read_text(p, **read)) for p in files]
     results = []
     for p, text in inputs:
-        m = method or config.get("method") or auto_method(stdin_or_path(p))
-        res = run(text, budget, query=query, method=m, tokenizer=tokenizer, mark_gaps=mark_gaps, mode=mode,
-                  fail_if_over=ceiling is not None, keep=keep or None, keep_structure=keep_structure or None,
-                  layers=layers, coarse_threshold=coarse_threshold,
-                  language=Path(p).suffix.lower() or None if p and p != "-" else None)
+        m = method or settings.method or auto_method(stdin_or_path(p))
+        extra = {}
+        if p and p != "-" and Path(p).suffix and declares(m, "language"):
+            extra["language"] = Path(p).suffix.lower()
+        res = run(text, settings.budget, query=query, method=m, tokenizer=settings.tokenizer,
+                  fail_if_empty=ceiling is not None, settings=settings, **options, **extra)
         if ceiling is not None and res.output_tokens > ceiling.resolve(res.input_tokens):
             raise OverBudgetError(
                 f"{p or 'stdin'}: the best output has {res.output_tokens} tokens, over --fail-if-over "
@@ -139,6 +147,7 @@ def compress(
 @app.command()
 @handle_errors
 def count(
+    ctx: typer.Context,
     paths: Annotated[Optional[list[str]], typer.Argument(help="Files or directories; nothing or '-' reads stdin.", show_default=False)] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="cl100k (default), model or hf:PATH.")] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="text (table), json (one object) or jsonl (one line per file).")] = Format.text,
@@ -156,22 +165,22 @@ def count(
       find . -name '*.py' -print0 | ctxc count -0 --format jsonl
       ctxc count prompt.md --fail-if-over 8k   # CI: exit 3 when the prompt grew too long
     """
-    from .. import config
+    from ..api import get_tokenizer
     from ..budget import Budget
     from ..errors import InputError, OverBudgetError
     from ..textio import read_text
-    from ..tokenizers import get_tokenizer
 
     ceiling = Budget.parse(fail_if_over) if fail_if_over is not None else None
     if ceiling is not None and ceiling.kind != "tokens":
         raise InputError(f"--fail-if-over {fail_if_over}: count needs a number of tokens", "e.g. --fail-if-over 100k")
-    encoding = encoding or config.get("encoding")
-    tok = get_tokenizer(tokenizer)
+    settings = settings_of(ctx, tokenizer=tokenizer, encoding=encoding)
+    encoding = settings.encoding
+    tok = get_tokenizer(settings.tokenizer, settings)
     rows: list[tuple[str, int]] = []
     skipped: list[str] = []
     files = _input_paths(paths, null)
     if files is None:
-        rows.append(("-", tok.count(read_text(None, encoding, allow_empty=True))))
+        rows.append(("-", tok.count(read_text(None, encoding, allow_empty=True, max_bytes=settings.max_input_bytes))))
     else:
         from ..walk import walk
 
@@ -180,7 +189,8 @@ def count(
         for f in found.files:
             shown = f.shown
             try:
-                rows.append((shown, tok.count(read_text(f.path, encoding, allow_empty=True))))
+                rows.append((shown, tok.count(read_text(f.path, encoding, allow_empty=True,
+                                                        max_bytes=settings.max_input_bytes))))
             except InputError as err:
                 if f.explicit:
                     raise

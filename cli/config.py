@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from typing import Annotated
 
 import typer
 
-from . import app
-from ._common import handle_errors
+from .app import app
+from ._common import emit_json, handle_errors, settings_of
 
 config_app = typer.Typer(
     help="Settings from ./ctxc.toml, ~/.config/ctxc/config.toml and CTXC_* environment variables.\n\n"
@@ -28,6 +27,7 @@ class ShowFormat(str, Enum):
 @config_app.command("show")
 @handle_errors
 def show(
+    ctx: typer.Context,
     fmt: Annotated[ShowFormat, typer.Option("--format", "-f", help="text (table), json or jsonl.")] = ShowFormat.text,
 ):
     """Print every setting, its effective value and its source (default, env VAR or a file path).
@@ -38,20 +38,21 @@ def show(
       CTXC_TOKENIZER=model ctxc config show --format json
       echo 'budget = "4k"' > ctxc.toml && ctxc config show
     """
-    from ..config import KEYS, config_files, effective
+    from ..settings import config_files
 
-    settings = effective()
-    rows = [{"key": s.name, "value": s.value, "source": s.source, "env": KEYS[s.name].env} for s in settings.values()]
+    rows = [{k: r[k] for k in ("key", "value", "source", "env")} for r in settings_of(ctx).rows()]
     if fmt is ShowFormat.json:
-        files = [str(p) for p in config_files()]
-        typer.echo(json.dumps({"settings": rows, "files": files}, ensure_ascii=False))
+        emit_json({"settings": rows, "files": [str(p) for p in config_files()]})
         return
     if fmt is ShowFormat.jsonl:
         for r in rows:
-            typer.echo(json.dumps(r, ensure_ascii=False))
+            emit_json(r)
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from ..textio import printable
 
     table = Table(show_edge=False, box=None)
     for col in ("key", "value", "source", "env"):
@@ -59,7 +60,7 @@ def show(
     for r in rows:
         v = r["value"]
         shown = "-" if v is None or v == [] else (", ".join(v) if isinstance(v, list) else str(v))
-        table.add_row(r["key"], shown, r["source"], r["env"] or "")
+        table.add_row(r["key"], Text(printable(shown)), Text(printable(r["source"])), r["env"] or "")
     Console(highlight=False, soft_wrap=True).print(table)
     looked = ", ".join(str(p) + ("" if p.is_file() else " (absent)") for p in config_files()) or "none (CTXC_CONFIG=)"
     typer.echo(f"config files: {looked}", err=True)

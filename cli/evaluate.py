@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from ._common import err_console, handle_errors
+from .app import app
+from ._common import err_console, handle_errors, parse_options, progress_bar, settings_of
 
 
 class EvalFormat(str, Enum):
@@ -21,6 +21,7 @@ class EvalFormat(str, Enum):
 @app.command("eval")
 @handle_errors
 def eval_cmd(
+    ctx: typer.Context,
     path: Annotated[Optional[str], typer.Argument(help="Document file or directory; optional when each question carries its own \"context\".")] = None,
     questions: Annotated[Optional[str], typer.Option("--questions", "-Q", help="JSONL: {\"question\", \"answers\" | \"answer\", optional \"doc\", \"context\"}.")] = None,
     methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods or pipelines.")] = "extractive,truncate",
@@ -33,6 +34,8 @@ def eval_cmd(
     nll_max_tokens: Annotated[int, typer.Option("--nll-max-tokens", min=64, help="Context cap (model tokens) when scoring NLL.")] = 2048,
     fmt: Annotated[EvalFormat, typer.Option("--format", "-f", help="text (table) or json on stdout.")] = EvalFormat.text,
     encoding: Annotated[Optional[str], typer.Option("--encoding", help="Document encoding (default utf-8).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", metavar="KEY=VALUE", help="A method option for every method (repeatable): see `ctxc methods`.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (terminals only).")] = True,
 ):
     """Measure what compression keeps on your own documents.
 
@@ -45,9 +48,11 @@ def eval_cmd(
       ctxc eval docs/ --methods extractive,tokens --budgets 25%,10%
       ctxc eval --questions qa_with_contexts.jsonl --no-nll
     """
+    from ..apps.evaluate import check_report_dir, load_documents, load_questions, parse_list, run_eval, \
+        summary_rows, write_report
     from ..errors import InputError
-    from ..evaluate import check_report_dir, load_documents, load_questions, parse_list, run_eval, summary_rows, \
-        write_report
+
+    settings = settings_of(ctx, tokenizer=tokenizer, encoding=encoding)
 
     meths = parse_list(methods, "methods")
     inputs = [x for x in (path, questions) if x]
@@ -57,9 +62,10 @@ def eval_cmd(
     if path is None and qs is None:
         raise InputError("nothing to evaluate: give a document PATH, --questions, or both",
                          "e.g. ctxc eval report.txt --questions qs.jsonl")
-    docs = load_documents(path, encoding) if path else None
-    res = run_eval(docs, qs, meths, buds, tokenizer=tokenizer, nll=not no_nll, query_aware=not no_query,
-                   nll_max_tokens=nll_max_tokens)
+    docs = load_documents(path, settings.encoding) if path else None
+    with progress_bar(progress, "eval") as bar:
+        res = run_eval(docs, qs, meths, buds, tokenizer=settings.tokenizer, nll=not no_nll, query_aware=not no_query,
+                       nll_max_tokens=nll_max_tokens, progress=bar, settings=settings, **parse_options(option))
     files = write_report(res, out, inputs)
     if fmt is EvalFormat.json:
         sys.stdout.write(json.dumps({"summary": res.summary(), "files": [str(f) for f in files]}) + "\n")

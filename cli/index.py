@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from ._common import Format, human_bytes, err_console, handle_errors
+from .app import app
+from ._common import Format, err_console, handle_errors, human_bytes, settings_of
 
 index_app = typer.Typer(
     help="Build and inspect retrieval indexes (FAISS vectors + BM25) over files and directories.",
@@ -28,6 +28,7 @@ class Mode(str, Enum):
 @index_app.command("build")
 @handle_errors
 def build(
+    ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(help="Files and directories to index.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Index directory (created, or updated incrementally).")],
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only files matching this glob (repeatable), e.g. '*.md'.")] = None,
@@ -70,8 +71,10 @@ def build(
     if bar is not None:
         bar.start()
     try:
-        rep = build_index(paths, output, include=include, exclude=exclude, chunk_tokens=chunk_tokens, overlap=overlap,
-                          embedder=embedder, hnsw_threshold=hnsw_threshold, rebuild=rebuild, progress=progress)
+        settings = settings_of(ctx, embedder=embedder, include=include or None, exclude=exclude or None)
+        rep = build_index(paths, output, include=list(settings.include), exclude=list(settings.exclude),
+                          chunk_tokens=chunk_tokens, overlap=overlap, embedder=settings.embedder,
+                          hnsw_threshold=hnsw_threshold, rebuild=rebuild, progress=progress, settings=settings)
     finally:
         if bar is not None:
             bar.stop()
@@ -99,13 +102,14 @@ def build(
 @index_app.command("info")
 @handle_errors
 def info(
+    ctx: typer.Context,
     index_dir: Annotated[str, typer.Argument(help="Index directory.")],
     fmt: Annotated[Format, typer.Option("--format", "-f", help="text or json.")] = Format.text,
 ):
     """Files, chunks, tokens, embedder, FAISS type and size on disk of an index."""
     from ..retrievers.index import Index
 
-    facts = Index.open(index_dir).info()
+    facts = Index.open(index_dir, settings=settings_of(ctx)).info()
     if fmt is Format.json:
         typer.echo(json.dumps(facts))
         return
@@ -128,6 +132,7 @@ def info(
 @app.command()
 @handle_errors
 def retrieve(
+    ctx: typer.Context,
     index_dir: Annotated[str, typer.Argument(help="Index directory made by `ctxc index build`.")],
     query: Annotated[str, typer.Argument(help="What to find.")],
     budget: Annotated[str, typer.Option("--budget", "-b", help="Output size in tokens: 2k, 4096, ...")] = "2k",
@@ -152,8 +157,12 @@ def retrieve(
                           "give a number of tokens, e.g. --budget 2k")
     if k is not None and k < 1:
         raise InputError(f"bad --k {k}", "give a positive number of chunks")
-    idx = Index.open(index_dir)
-    res = idx.retrieve(query, b.resolve(0), tokenizer=tokenizer, mode=mode.value, k=k)
+    from ..api import get_tokenizer
+
+    settings = settings_of(ctx, tokenizer=tokenizer)
+    idx = Index.open(index_dir, settings=settings)
+    res = idx.retrieve(query, b.resolve(0), tokenizer=get_tokenizer(settings.tokenizer, settings), mode=mode.value,
+                       k=k)
     if not res.groups:
         err_console().print("ctxc: warning: nothing in the index matched the query" if res.candidates == 0 else
                             "ctxc: warning: no chunk fits the budget")

@@ -8,11 +8,11 @@ again. A final hard check cuts at a sentence end so the output is always within 
 from __future__ import annotations
 
 import re
-import sys
 import time
 from dataclasses import dataclass
 
 from ..document import split_units
+from ..fit import cut_text
 from ..tokenizers import Tokenizer
 from .base import Compressed, Compressor
 
@@ -21,46 +21,21 @@ _SYSTEM = ("You are a careful editor who shortens documents. Keep names, numbers
 _PREAMBLE = re.compile(r"^\s*(?:sure[,!.]?\s*)?(?:here(?:'s| is| are)[^\n:]*:|(?:the )?summary[^\n:]{0,40}:)\s*", re.I)
 
 
-from ..hw import lm_threads  # noqa: E402
+class _Tokens:
+    """transformers' streamer protocol for `generate`: counts the new tokens (put() gets the prompt first, then one
+    tensor of new ids per step), for the progress callback."""
 
+    def __init__(self):
+        self.tokens, self._first = 0, True
 
-class _Progress:
-    """Token streamer for `generate`: counts new tokens into a rich progress bar on stderr (terminals only)."""
-
-    def __init__(self, total_chunks: int, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.tokens = 0
-        self._first = True
-        self._bar = None
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[tok]} tokens"), TimeElapsedColumn(),
-                                 console=Console(stderr=True), transient=True)
-            self._task = self._bar.add_task("summarising", total=total_chunks, tok=0)
-            self._bar.start()
-
-    # transformers' streamer protocol: put() gets the prompt first, then one tensor of new ids per step.
     def put(self, value) -> None:
         if self._first:
             self._first = False
             return
         self.tokens += int(value.numel())
-        if self._bar is not None:
-            self._bar.update(self._task, tok=self.tokens)
 
     def end(self) -> None:
         self._first = True
-
-    def advance(self, n: int, description: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n, description=description)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 @dataclass
@@ -84,12 +59,9 @@ class AbstractiveCompressor(Compressor):
     max_rounds: map/reduce rounds at most.
     batch: chunks generated together (left-padded; one KV cache per batch).
     repetition_penalty, no_repeat_ngram: keep the small model from looping.
-    progress: stream a progress bar (chunks done, tokens generated) to stderr when it is a terminal.
     """
 
     name = "abstractive"
-    needs_model = True
-    description = "map-reduce summary by the local instruct LM (query-focused with --query); not verbatim"
     model: str | None = None
     chunk_tokens: int = 768
     min_share: int = 48
@@ -98,13 +70,12 @@ class AbstractiveCompressor(Compressor):
     batch: int = 4
     repetition_penalty: float = 1.15
     no_repeat_ngram: int = 4
-    progress: bool = True
 
     def compress(self, text: str, budget: int, tokenizer: Tokenizer, query: str | None = None) -> Compressed:
-        from ..model import load_model
+        from ..lm import load_model
 
         t0 = time.perf_counter()
-        lm = load_model(self.model)
+        lm = load_model(self.model, settings=self.config)
         info: dict = {"model": str(lm.source), "rounds": [], "verbatim": False}
         cur = text
         generated = 0
@@ -123,7 +94,7 @@ class AbstractiveCompressor(Compressor):
             cur = nxt
             if n_nxt <= budget:
                 break
-        out = _fit(cur, budget, tokenizer)
+        out = cut_text(cur, budget, tokenizer)
         info.update({"generated_tokens": generated, "seconds": round(time.perf_counter() - t0, 2)})
         return Compressed(out, [], info)
 
@@ -153,7 +124,8 @@ class AbstractiveCompressor(Compressor):
     def _summarise(self, lm, chunks, shares, counts, tokenizer, query, rnd) -> tuple[list[str], int]:
         import torch
 
-        from ..model import left_pad
+        from ..lm import left_pad
+        from ..lm.hw import lm_threads
 
         hf = lm.tokenizer.hf
         # Budget tokens -> model tokens: the two tokenizers differ, so measure the ratio on this text.
@@ -161,40 +133,40 @@ class AbstractiveCompressor(Compressor):
         ratio = max(0.5, lm.tokenizer.count(sample) / max(1, tokenizer.count(sample)))
         eos = [i for i in {hf.eos_token_id, hf.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]
         pad = hf.pad_token_id if hf.pad_token_id is not None else eos[0]
-        prog = _Progress(len(chunks), self.progress)
+        prog = _Tokens()
         out: list[str] = [""] * len(chunks)
         generated = 0
         # Similar lengths batch together, so little of each batch is padding.
         order = sorted(range(len(chunks)), key=lambda i: counts[i])
-        try:
-            for a in range(0, len(order), max(1, self.batch)):
-                idx = order[a : a + self.batch]
-                prompts = []
-                for i in idx:
-                    words = max(5, int(shares[i] * 0.7))
-                    msgs = self._prompt(chunks[i], words, query)
-                    prompts.append(hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-                enc = [hf.encode(p, add_special_tokens=False) for p in prompts]
-                ids, mask = left_pad(enc, pad)
-                L = ids.shape[1]
-                new = min(self.max_new_tokens, max(16, int(max(shares[i] for i in idx) * ratio * 1.3) + 8))
-                with torch.inference_mode(), lm_threads():
-                    gen = lm.model.generate(
-                        input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=new,
-                        do_sample=False, use_cache=True, repetition_penalty=self.repetition_penalty,
-                        no_repeat_ngram_size=self.no_repeat_ngram or 0, eos_token_id=eos, pad_token_id=pad,
-                        streamer=prog,
-                    )
-                for j, i in enumerate(idx):
-                    toks = gen[j, L:].tolist()
-                    generated += sum(1 for t in toks if t not in eos)
-                    s = _clean(hf.decode(toks, skip_special_tokens=True))
-                    if not s:  # nothing usable: the chunk's opening is a better stand-in than a gap
-                        s = tokenizer.truncate(chunks[i], shares[i])
-                    out[i] = s
-                prog.advance(len(idx), f"abstractive round {rnd + 1}")
-        finally:
-            prog.close()
+        if self.progress:
+            self.progress(0, len(chunks), f"abstractive round {rnd + 1}")
+        for a in range(0, len(order), max(1, self.batch)):
+            idx = order[a : a + self.batch]
+            prompts = []
+            for i in idx:
+                words = max(5, int(shares[i] * 0.7))
+                msgs = self._prompt(chunks[i], words, query)
+                prompts.append(hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+            enc = [hf.encode(p, add_special_tokens=False) for p in prompts]
+            ids, mask = left_pad(enc, pad)
+            L = ids.shape[1]
+            new = min(self.max_new_tokens, max(16, int(max(shares[i] for i in idx) * ratio * 1.3) + 8))
+            with torch.inference_mode(), lm_threads(self.config.threads):
+                gen = lm.model.generate(
+                    input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=new,
+                    do_sample=False, use_cache=True, repetition_penalty=self.repetition_penalty,
+                    no_repeat_ngram_size=self.no_repeat_ngram or 0, eos_token_id=eos, pad_token_id=pad,
+                    streamer=prog,
+                )
+            for j, i in enumerate(idx):
+                toks = gen[j, L:].tolist()
+                generated += sum(1 for t in toks if t not in eos)
+                s = _clean(hf.decode(toks, skip_special_tokens=True))
+                if not s:  # nothing usable: the chunk's opening is a better stand-in than a gap
+                    s = tokenizer.truncate(chunks[i], shares[i])
+                out[i] = s
+            if self.progress:
+                self.progress(a + len(idx), len(chunks), f"abstractive round {rnd + 1}: {prog.tokens} tokens")
         return out, generated
 
 
@@ -205,15 +177,3 @@ def _clean(s: str) -> str:
     if m and m[-1].end() < len(s.rstrip()) and m[-1].end() > len(s) * 0.5:
         s = s[: m[-1].end()]
     return s.strip()
-
-
-def _fit(text: str, budget: int, tokenizer: Tokenizer) -> str:
-    """At most `budget` tokens: the longest prefix that fits, shortened to its last sentence end when that keeps
-    most of it (a clean stop reads better than half a sentence)."""
-    if tokenizer.count(text) <= budget:
-        return text
-    cut = tokenizer.truncate(text, budget)
-    m = list(re.finditer(r"[.!?…][\"')\]]*(?=\s|$)", cut))
-    if m and m[-1].end() >= len(cut) * 0.6:
-        cut = cut[: m[-1].end()]
-    return cut.rstrip()

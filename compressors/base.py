@@ -1,20 +1,29 @@
 """The compressor contract and the shared span-selection machinery.
 
-A compressor turns `(text, budget, tokenizer, query)` into a `Compressed` (text + kept char spans). Selection-style
-compressors subclass `SpanSelector` and implement only `score()`; the base class owns unit splitting, the knapsack
-and the exact budget check, so every method gets the same guarantee.
+A compressor turns `(text, budget, tokenizer, query)` into a `Compressed` (text + kept char spans) of at most
+`budget` tokens. Selection-style compressors subclass `SpanSelector` and implement only `score()`; the base class
+owns unit splitting, the knapsack and the exact budget repair (through `ctxc.fit.Fitter`, as every method's), so
+every method gets the same guarantee.
+
+Two attributes are set by whoever builds a compressor (`ctxc.compressors.registry.get_compressor`), not options:
+`settings` (a `ctxc.settings.Settings`: models, embedder, threads, kernels; None means `Settings.current()`) and
+`progress` (a callback `(done, total, what)` for long runs, or None). Compressors never draw progress themselves.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
 from ..document import GAP_MARK, Unit, refine_units, render, split_units
+from ..fit import Fitter
+from ..settings import Settings
 from ..tokenizers import Tokenizer
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 
 @dataclass
@@ -25,14 +34,31 @@ class Compressed:
 
 
 class Compressor:
-    """Base class. Subclasses are dataclasses whose fields are the method's options."""
+    """Base class. Subclasses are dataclasses whose fields are the method's options (and nothing else)."""
 
     name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    needs_model: ClassVar[bool] = False
+    settings: Settings | None = None
+    progress: Progress | None = None
 
     def compress(self, text: str, budget: int, tokenizer: Tokenizer, query: str | None = None) -> Compressed:
         raise NotImplementedError
+
+    @property
+    def config(self) -> Settings:
+        """The settings this compressor runs with."""
+        return self.settings or Settings.current()
+
+
+def run_stage(comp: Compressor, text: str, budget: int, tokenizer: Tokenizer, query: str | None,
+              progress: Progress | None = None) -> Compressed:
+    """Run one compressor, handing it the caller's progress callback for the call."""
+    if progress is not None and comp.progress is None:
+        comp.progress = progress
+        try:
+            return comp.compress(text, budget, tokenizer, query)
+        finally:
+            comp.progress = None
+    return comp.compress(text, budget, tokenizer, query)
 
 
 def knapsack(values: np.ndarray, costs: np.ndarray, capacity: int, resolution: int = 2000) -> list[int]:
@@ -137,36 +163,22 @@ def select_units(
         picked = knapsack(values[cand], costs[cand], budget + sep_cost)
         keep = sorted(int(cand[i]) for i in picked)
 
-    def size(ix: list[int]) -> int:
-        return tokenizer.count(render(text, units, ix, mark_gaps).text)
+    fitter = Fitter(lambda ix: render(text, units, ix, mark_gaps).text, tokenizer, budget)
 
-    n = size(keep)
-    # Trim: drop the lowest value-per-token units until the exact count fits (as many at once as their costs say
-    # are needed; one recount per batch).
-    while keep and n > budget:
-        worst_first = sorted(keep, key=lambda i: values[i] / costs[i])
-        over, drop = n - budget, 0
-        while drop < len(worst_first) and over > 0:
-            over -= int(costs[worst_first[drop]])
+    def worst_first(sel: list[int], over: int) -> list[int]:
+        # The lowest value-per-token units, as many at once as their costs say the overflow needs.
+        ranked = sorted(sel, key=lambda i: values[i] / costs[i])
+        drop = 0
+        while drop < len(ranked) and over > 0:
+            over -= int(costs[ranked[drop]])
             drop += 1
-        gone = set(worst_first[: max(1, drop)])
-        keep = [i for i in keep if i not in gone]
-        n = size(keep)
-    # Top up: add the best value-per-token units that still fit exactly (bounded number of recounts, fewer for
-    # long outputs, where each recount costs more).
+        return ranked[: max(1, drop)]
+
+    keep, n = fitter.trim(keep, worst_first)
+    # Top up with the best value-per-token units that still fit exactly: a bounded number of recounts, fewer for
+    # long outputs, where each recount costs more.
     chosen = set(keep)
-    rest = [i for i in np.argsort(-(values / costs), kind="stable") if i not in chosen and values[i] > 0]
-    tries = 0
-    max_tries = 64 if n < 20_000 else 4
-    for i in rest:
-        if n >= budget or tries > max_tries:
-            break
-        if costs[i] > budget - n + sep_cost:
-            continue
-        trial = sorted(chosen | {int(i)})
-        m = size(trial)
-        tries += 1
-        if m <= budget:
-            chosen.add(int(i))
-            n = m
-    return sorted(chosen)
+    rest = [int(i) for i in np.argsort(-(values / costs), kind="stable") if i not in chosen and values[i] > 0]
+    keep, _ = fitter.top_up(keep, rest, n, cost=lambda i: costs[i], slack=sep_cost,
+                            max_tries=(64 if n < 20_000 else 4) + 1)
+    return keep

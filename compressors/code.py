@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..fit import Fitter
 from ..retrievers.bm25 import BM25
 from ..tokenizers import Tokenizer
 from .base import Compressed, Compressor
@@ -78,7 +79,7 @@ class Piece:
 
 
 @dataclass
-class Unit:
+class CodeUnit:
     """A function/class/statement to rank: its display name, full source text and the items its relevance feeds."""
 
     name: str
@@ -92,7 +93,7 @@ class _Plan:
     def __init__(self):
         self.items: dict[str, Item] = {}
         self.pieces: list[Piece] = []
-        self.units: list[Unit] = []
+        self.units: list[CodeUnit] = []
 
     def item(self, key: str, tier: int, needs: list[str] | None = None) -> str:
         self.items[key] = Item(key, tier, needs=list(needs or []), order=len(self.items))
@@ -210,7 +211,7 @@ class _PyPlanner:
         self.gap(gap_from, start - 1, _has(com))
         if not is_def or one_line:
             self.span(start, st.end_lineno, _has(sig))
-            p.units.append(Unit(name or "", qual, _src(self.text, self.off(start), self.off(st.end_lineno + 1)),
+            p.units.append(CodeUnit(name or "", qual, _src(self.text, self.off(start), self.off(st.end_lineno + 1)),
                                 [sig], kind))
             return sig
         body = st.body
@@ -238,7 +239,7 @@ class _PyPlanner:
             child_keys = self.container(inner, after_doc, [sig], f"{qual}.", st.end_lineno)
             keys = tuple(child_keys) + ((doc,) if doc else ())
             p.pieces.insert(placeholder_at, Piece(0, 0, Placeholder(sig, keys), literal=f"{ind}...\n"))
-            p.units.append(Unit(name, qual, _src(self.text, self.off(start), self.off(st.end_lineno + 1)),
+            p.units.append(CodeUnit(name, qual, _src(self.text, self.off(start), self.off(st.end_lineno + 1)),
                                 unit_items, kind))
             return sig
         if rest:
@@ -246,7 +247,7 @@ class _PyPlanner:
             p.pieces.append(Piece(0, 0, Placeholder(sig, (full,)), literal=f"{ind}...\n"))
             self.span(hdr_end + 1 if not doc else body[0].end_lineno + 1, st.end_lineno, _has(full))
             unit_items.append(full)
-        p.units.append(Unit(name, qual, _src(self.text, self.off(start), self.off(st.end_lineno + 1)),
+        p.units.append(CodeUnit(name, qual, _src(self.text, self.off(start), self.off(st.end_lineno + 1)),
                             unit_items, kind))
         return sig
 
@@ -381,7 +382,7 @@ class _GenericPlanner:
             is_import = all(_IMPORT_LINE.match(self.lines[k]) or not self.lines[k].strip() for k in stmt_run)
             key = p.item(f"{prefix}L{s0 + 1}", T_IMPORT if is_import else T_STMT, needs)
             p.pieces.append(Piece(self.off(s0), self.off(s1 + 1), _has(key)))
-            p.units.append(Unit("", f"{prefix}L{s0 + 1}", self.text[self.off(s0): self.off(s1 + 1)], [key], "stmt"))
+            p.units.append(CodeUnit("", f"{prefix}L{s0 + 1}", self.text[self.off(s0): self.off(s1 + 1)], [key], "stmt"))
             keys.append(key)
             stmt_run.clear()
 
@@ -452,7 +453,7 @@ class _GenericPlanner:
                 items = [sig]
             if body_b < end:
                 p.pieces.append(Piece(self.off(end), self.off(end + 1), _has(sig)))
-            p.units.append(Unit(name, qual, self.text[self.off(i): self.off(end + 1)], items,
+            p.units.append(CodeUnit(name, qual, self.text[self.off(i): self.off(end + 1)], items,
                                 "class" if is_container else "def"))
             keys.append(sig)
             i = end + 1
@@ -514,8 +515,6 @@ class CodeCompressor(Compressor):
     """
 
     name = "code"
-    needs_model = True
-    description = "source files: keep imports/signatures/docstrings, rank bodies by query (BM25+dense+LM), placeholders"
     language: str | None = None
     use_lm: bool = True
     dense_candidates: int = 48
@@ -543,7 +542,7 @@ class CodeCompressor(Compressor):
         return gp.build(), suffix.lstrip(".") or ("brace" if gp.brace else "indent")
 
     # -- ranking ----------------------------------------------------------------------------------------------
-    def relevance(self, units: list[Unit], query: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    def relevance(self, units: list[CodeUnit], query: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
         """(relevance in [0, 1+] per unit, named mask, info)."""
         n = len(units)
         info: dict = {}
@@ -563,12 +562,12 @@ class CodeCompressor(Compressor):
         bm = BM25(docs).scores(_split_ident(query)).astype(np.float64)
         fused = (1 - self.dense_weight - (self.lm_weight if self.use_lm else 0)) * _norm(bm)
         if self.dense_weight > 0:
-            from ..retrievers.embed import get_embedder
+            from .relevance import embedder_for
 
             # Embedding every unit of a big module costs tens of seconds on a CPU: only the BM25 best (and the
             # named ones) are embedded, each by its head (name, signature, docstring, first lines).
             cand = np.unique(np.r_[np.argsort(-bm, kind="stable")[: self.dense_candidates], np.flatnonzero(named)])
-            vecs = get_embedder(self.embedder).encode([units[i].text[:600] for i in cand] + [query])
+            vecs = embedder_for(self.embedder, self.settings).encode([units[i].text[:600] for i in cand] + [query])
             dense = np.zeros(n)
             dense[cand] = _norm(vecs[:-1] @ vecs[-1])
             fused += self.dense_weight * dense
@@ -588,35 +587,18 @@ class CodeCompressor(Compressor):
         return fused + 0.01, named, info
 
     def lm_scores(self, bodies: list[str], query: str) -> np.ndarray:
-        """Approximated mutual information per body: mean NLL of the query alone minus given the body (nats/token)."""
-        import torch
+        """Approximated mutual information per body: mean NLL of the query alone minus given the body (nats/token),
+        from `ctxc.lm.target_nll` (one batched pass; only the query rows reach the vocabulary head)."""
+        from ..lm import load_model, target_nll
 
-        from ..model import load_model
-
-        lm = load_model()
+        s = self.config
+        lm = load_model(settings=s)
         hf = lm.tokenizer.hf
         q_ids = hf.encode("\n# Question: " + query.strip(), add_special_tokens=False)[:64]
-        ctxs = [hf.encode(b, add_special_tokens=False)[: self.lm_body_tokens] for b in bodies]
         bos = [hf.bos_token_id] if hf.bos_token_id is not None else []
-        seqs = [bos + c + q_ids for c in [[]] + ctxs]
-        nll = np.zeros(len(seqs))
-        pad = hf.pad_token_id if hf.pad_token_id is not None else (hf.eos_token_id or 0)
-        from ..hw import lm_threads
-        from ..model import left_pad
-
-        k = len(q_ids)
-        with torch.inference_mode(), lm_threads():
-            for a in range(0, len(seqs), max(1, self.lm_batch)):
-                batch = seqs[a : a + self.lm_batch]
-                # Left padding puts every query at the end, so only its k+1 logits are projected onto the vocabulary
-                # (`logits_to_keep`): the body positions, most of the sequence, never pay for the LM head.
-                ids, mask = left_pad(batch, pad)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                  position_ids=pos.to(lm.device), logits_to_keep=k + 1).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], -1)
-                tgt = ids[:, ids.shape[1] - k :].to(lm.device)
-                nll[a : a + len(batch)] = (-logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).mean(-1)).cpu().numpy()
+        ctxs = [bos + hf.encode(b, add_special_tokens=False)[: self.lm_body_tokens] for b in bodies]
+        batch_tokens = max(1, self.lm_batch) * (len(bos) + self.lm_body_tokens + len(q_ids))
+        nll = target_nll(lm, [bos] + ctxs, q_ids, threads=s.threads, kernels=s.kernels, batch_tokens=batch_tokens)
         return nll[0] - nll[1:]
 
     # -- selection --------------------------------------------------------------------------------------------
@@ -678,16 +660,19 @@ class CodeCompressor(Compressor):
                 sel.update(need)
                 added.extend(reversed(need))
                 used += c
-        out, kept = _render(text, pieces, sel)
-        n = tokenizer.count(out)
-        # Exact repair: token counts of pieces are not additive, so drop the last additions until it truly fits.
-        while n > budget and added:
+        # Exact repair: token counts of pieces are not additive, so drop the last additions (with what depends on
+        # them) until it truly fits.
+        fitter = Fitter(lambda keys: _render(text, pieces, set(keys))[0], tokenizer, budget)
+
+        def last_added(keys: list[str], over: int) -> set[str]:
             drop = added.pop()
-            dependents = {drop} | {k for k in sel if _depends(items, k, drop)}
-            sel -= dependents
-            added = [a for a in added if a not in dependents]
-            out, kept = _render(text, pieces, sel)
-            n = tokenizer.count(out)
+            gone = {drop} | {k for k in keys if _depends(items, k, drop)}
+            added[:] = [a for a in added if a not in gone]
+            return gone
+
+        kept_keys, _ = fitter.trim(sorted(sel), last_added)
+        sel = set(kept_keys)
+        out, kept = _render(text, pieces, sel)
         info.update({"language": lang, "units": len(plan.units),
                      "named": [u.qualname for u, m in zip(plan.units, named) if m],
                      "bodies_kept": sum(1 for k in sel if k.endswith(".body")),

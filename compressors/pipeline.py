@@ -5,28 +5,28 @@ Budget rule: the last stage gets the final budget B; each earlier stage gets twi
 An override also anchors the doubling for the stages before it: `a+b@3x+c` gives c B, b 3B, a 6B.
 The idea: a cheap coarse stage first (retrieval, extractive) hands a finer, costlier stage (token-level pruning with
 the LM) a bit more than it can use, so the fine stage still has choices to make. A stage whose input already fits
-its budget is skipped. Options are given to every stage that declares them (others ignore them).
-Kept spans are mapped back to the original input through each stage.
+its budget is skipped. Kept spans are mapped back to the original input through each stage.
 
->>> p = PipelineCompressor.from_spec("truncate+truncate+truncate"); p.stage_budgets(100)
+A pipeline only holds built stages and their multipliers: the spec syntax (`a@3x+b`) is parsed by the registry
+(`ctxc.compressors.registry.get_compressor`), which also hands each stage the options it declares. The coarse
+retrieval stage that `ctxc.compress` puts in front of long inputs is a pipeline stage like any other.
+
+>>> from ctxc.compressors.truncate import TruncateCompressor as T
+>>> PipelineCompressor([T(), T(), T()], [None, None, None]).stage_budgets(100)
 [400, 200, 100]
->>> PipelineCompressor.from_spec("truncate@3x+truncate+truncate").stage_budgets(100)
+>>> PipelineCompressor([T(), T(), T()], [3, None, None]).stage_budgets(100)
 [300, 200, 100]
->>> PipelineCompressor.from_spec("truncate+truncate@3x+truncate").stage_budgets(100)
+>>> PipelineCompressor([T(), T(), T()], [None, 3, None]).stage_budgets(100)
 [600, 300, 100]
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from ..errors import MethodError
 from ..tokenizers import Tokenizer
-from .base import Compressed, Compressor
-
-_STAGE = re.compile(r"([\w\-]+)(?:@(\d+(?:\.\d+)?)x)?")
-_HINT = "write stages as NAME or NAME@Nx joined by '+', e.g. extractive@3x+truncate"
+from .base import Compressed, Compressor, run_stage
 
 
 @dataclass
@@ -36,45 +36,26 @@ class PipelineCompressor(Compressor):
     Parameters
     ----------
     stages: the compressor instances, first to last.
-    multipliers: per stage, its budget as a multiple of the final budget, or None for the doubling rule; the last
-        stage must be None (it always gets the final budget).
+    multipliers: per stage, its budget as a multiple of the final budget (an int, float or Fraction), or None for the
+        doubling rule; the last stage must be None (it always gets the final budget).
     """
 
     name = "pipeline"
-    description = "stages joined with '+': each earlier stage gets 2x the budget of the next (override: NAME@Nx)"
     stages: list = field(default_factory=list)
     multipliers: list = field(default_factory=list)
 
     def __post_init__(self):
         if not self.stages:
-            raise MethodError("a pipeline needs at least one stage", _HINT)
+            raise MethodError("a pipeline needs at least one stage", "e.g. extractive@3x+truncate")
         if len(self.multipliers) != len(self.stages):
-            raise MethodError("a pipeline needs one multiplier (or None) per stage", _HINT)
+            raise MethodError("a pipeline needs one multiplier (or None) per stage", "e.g. extractive@3x+truncate")
         if self.multipliers[-1] is not None:
             raise MethodError("the last pipeline stage always gets the final budget; it takes no @Nx",
                               "put @Nx on an earlier stage, e.g. extractive@3x+truncate")
         for m in self.multipliers:
             if m is not None and m < 1:
-                raise MethodError(f"bad stage multiplier @{m:g}x: must be >= 1",
+                raise MethodError(f"bad stage multiplier @{float(m):g}x: must be >= 1",
                                   "an earlier stage must get at least the final budget")
-        self.needs_model = any(getattr(s, "needs_model", False) for s in self.stages)
-
-    @classmethod
-    def from_spec(cls, spec: str, **options) -> "Compressor":
-        """Parse `a@3x+b+c`; a single stage without `@` is returned as the plain compressor."""
-        from .registry import get_compressor
-
-        stages, mults = [], []
-        for part in spec.split("+"):
-            part = part.strip()
-            m = _STAGE.fullmatch(part)
-            if not m:
-                raise MethodError(f"bad pipeline stage {part!r} in {spec!r}", _HINT)
-            stages.append(get_compressor(m.group(1), **options))
-            mults.append(float(m.group(2)) if m.group(2) else None)
-        if len(stages) == 1 and mults[0] is None:
-            return stages[0]
-        return cls(stages=stages, multipliers=mults)
 
     def stage_budgets(self, budget: int) -> list[int]:
         """Token budget of each stage, first to last, for a final budget of `budget`."""
@@ -93,10 +74,13 @@ class PipelineCompressor(Compressor):
             if n <= b:
                 info["stages"].append({"method": stage.name, "budget": b, "tokens": n, "skipped": "fits"})
                 continue
-            res = stage.compress(cur, b, tokenizer, query)
+            if self.settings is not None and getattr(stage, "settings", None) is None:
+                stage.settings = self.settings
+            res = run_stage(stage, cur, b, tokenizer, query, self.progress)
             offsets = _reindex(res, cur, offsets)
             cur = res.text
-            info["stages"].append({"method": stage.name, "budget": b, "tokens": tokenizer.count(cur)})
+            info["stages"].append({**{k: v for k, v in res.info.items() if k != "stages"}, "method": stage.name,
+                                   "budget": b, "tokens": tokenizer.count(cur)})
         return Compressed(cur, _spans(offsets), info)
 
 

@@ -17,7 +17,7 @@ from .base import Compressed, Compressor
 
 @dataclass
 class RetrieveCompressor(Compressor):
-    """Hybrid retrieval over the input's own chunks, packed under the budget with `[lines a-b]` citations.
+    """Hybrid (dense+BM25, RRF) retrieval of the input's own chunks for the query, packed with line citations.
 
     The same machinery as `ctxc retrieve`, in memory: structure-aware chunks (see `ctxc.retrievers.chunking`),
     BM25 and dense (all-MiniLM-L6-v2) rankings fused by reciprocal rank (Cormack et al. 2009,
@@ -37,7 +37,6 @@ class RetrieveCompressor(Compressor):
     """
 
     name = "retrieve"
-    description = "hybrid (dense+BM25, RRF) retrieval of the input's chunks for the query, with line citations"
     chunk_tokens: int = 200
     overlap: int = 32
     mode: str = "hybrid"
@@ -64,7 +63,7 @@ class RetrieveCompressor(Compressor):
 
         def dense(q: str, n: int) -> tuple[np.ndarray, np.ndarray]:
             nonlocal embedded
-            from ..retrievers.embed import get_embedder
+            from .relevance import embedder_for
 
             if len(chunks) <= self.max_embed_chunks:
                 cand = np.arange(len(chunks))
@@ -72,7 +71,7 @@ class RetrieveCompressor(Compressor):
                 cand = np.sort(top_ids(bm25.scores(q), self.max_embed_chunks))
                 if len(cand) == 0:  # no word in common: let the embedder judge an even spread of the document
                     cand = np.unique(np.linspace(0, len(chunks) - 1, self.max_embed_chunks).astype(np.int64))
-            emb = get_embedder(self.embedder)
+            emb = embedder_for(self.embedder, self.settings)
             sims = emb.encode([texts[i] for i in cand]) @ emb.encode_query(q)
             embedded = len(cand)
             order = np.argsort(-sims, kind="stable")[:n]

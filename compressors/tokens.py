@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MethodError
+from ..fit import Fitter
 from ..tokenizers import Tokenizer
 from .base import Compressed, Compressor
 
@@ -85,11 +86,11 @@ class TokensCompressor(Compressor):
     refine: re-score the words kept at `refine_margin` x budget before the final cut.
     refine_margin: how much more than the budget the first cut keeps when refining.
     batch_tokens: tokens per forward batch.
+    embedder: sentence-transformers folder for the sentence relevance (default: the `embedder` setting, else the
+        bundled all-MiniLM-L6-v2).
     """
 
     name = "tokens"
-    description = "LM-scored word pruning (LongLLMLingua-style): drops predictable words, exact budget"
-    needs_model = True
 
     keep: list[str] | None = None
     keep_structure: bool = False
@@ -107,6 +108,7 @@ class TokensCompressor(Compressor):
     refine: bool = True
     refine_margin: float = 1.5
     batch_tokens: int = 4096
+    embedder: str | None = None
 
     def __post_init__(self):
         if isinstance(self.keep, str):
@@ -130,9 +132,9 @@ class TokensCompressor(Compressor):
 
     # ------------------------------------------------------------------------------------------- model scoring
     def _lm(self):
-        from ..model import load_scorer
+        from ..lm import load_scorer
 
-        return load_scorer(self.model)
+        return load_scorer(self.model, settings=self.config)
 
     def _doc(self, lm, text: str) -> _Doc:
         spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
@@ -169,7 +171,7 @@ class TokensCompressor(Compressor):
 
     def _score(self, lm, doc: _Doc, query: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
         """Per-word self-information (NaN where no token was scored), segment id per word, segment relevance."""
-        from ..model import token_surprisal
+        from ..lm import token_surprisal
 
         t0 = time.perf_counter()
         hf = lm.tokenizer.hf
@@ -193,7 +195,8 @@ class TokensCompressor(Compressor):
             ctx_len.append(len(head) + a - c)
         if q_ids:
             seqs.append(head + q_prefix + q_ids)  # the question alone: baseline for relevance
-        nll = token_surprisal(lm, seqs, layers=self.layers, batch_tokens=self.batch_tokens)
+        nll = token_surprisal(lm, seqs, layers=self.layers, batch_tokens=self.batch_tokens,
+                              threads=self.config.threads, kernels=self.config.kernels)
         tok_nll = np.full(len(doc.ids), np.nan, dtype=np.float64)
         rel = None
         if q_ids:
@@ -230,11 +233,12 @@ class TokensCompressor(Compressor):
         "Charles A. Agemian", "producer, director, and writer"), and a name missing its middle word answers
         nothing."""
         from ._answer_type import answer_spans
-        from .extractive import ExtractiveCompressor
+        from .relevance import SentenceScorer
 
         if len(sents) == 0:
             return
-        r = np.clip(np.asarray(ExtractiveCompressor().score(text, sents, query), dtype=np.float64), 0, None)
+        scorer = SentenceScorer(embedder=self.embedder, settings=self.settings)
+        r = np.clip(np.asarray(scorer.score(text, sents, query), dtype=np.float64), 0, None)
         r = r / r.max() if r.max() > 0 else r
         for k, (a, b) in enumerate(zip(sa, sb)):
             boost[a:b] *= 1.0 + self.relevance_boost * r[k] ** 2
@@ -284,26 +288,12 @@ class TokensCompressor(Compressor):
 
     def _fit(self, doc: _Doc, order: np.ndarray, budget: int, tokenizer: Tokenizer) -> np.ndarray:
         """The longest prefix of `order` (ranked word indices) whose rendering is <= budget tokens, topped up
-        with a few later words that still fit. Counts are exact: BPE costs are not additive."""
-
-        def size(k: int) -> int:
-            return tokenizer.count(self._render(doc, np.sort(order[:k])))
-
-        lo, hi = 0, len(order)
-        if size(hi) <= budget:
-            return np.sort(order)
-        while lo < hi:  # largest k with size(k) <= budget (size is monotone up to BPE merges)
-            mid = (lo + hi + 1) // 2
-            if size(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        chosen = set(order[:lo].tolist())
-        for cand in order[lo : lo + 24]:  # BPE non-additivity can leave room for a later, cheaper word
-            trial = np.sort(np.fromiter(chosen | {int(cand)}, dtype=np.int64))
-            if tokenizer.count(self._render(doc, trial)) <= budget:
-                chosen.add(int(cand))
-        return np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen)))
+        with a few later words that still fit (BPE non-additivity can leave room for a later, cheaper word)."""
+        fitter = Fitter(lambda ix: self._render(doc, np.asarray(ix, dtype=np.int64)), tokenizer, budget)
+        ranked = [int(i) for i in order]
+        chosen = fitter.prefix(ranked)
+        chosen, _ = fitter.top_up(chosen, ranked[len(chosen): len(chosen) + 24], max_tries=24, until_full=False)
+        return np.asarray(sorted(chosen), dtype=np.int64)
 
     # --------------------------------------------------------------------------------------------- selection
     def _forced(self, doc: _Doc) -> np.ndarray:
@@ -358,9 +348,8 @@ class TokensCompressor(Compressor):
         word_w = seg_w[seg_of_word]
         boost = np.ones(nw)
         if query and query.strip():
-            from ..retrievers.bm25 import tokenize_words
-
             from ..document import split_units
+            from ..retrievers.bm25 import tokenize_words
 
             qterms = set(tokenize_words(query))
             sents = split_units(text)

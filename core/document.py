@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 GAP_MARK = "…"
 
@@ -135,12 +136,18 @@ def words_in(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 
 def split_units(text: str) -> list[Unit]:
-    """Paragraphs → sentences, in document order."""
+    """Paragraphs → sentences, in document order. Memoised for the last few texts: one `extractive+tokens` call
+    has the method, its relevance scorer and the pipeline's next stage all asking for the same document's units."""
+    return list(_split_units(text))
+
+
+@lru_cache(maxsize=8)
+def _split_units(text: str) -> tuple[Unit, ...]:
     units: list[Unit] = []
     for p, (ps, pe) in enumerate(paragraphs(text)):
         for s, e in sentences_in(text, ps, pe):
             units.append(Unit(s, e, p, "sentence"))
-    return units
+    return tuple(units)
 
 
 def _longest_fit(lo: int, hi: int, start: int, too_big) -> int:

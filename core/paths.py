@@ -31,14 +31,6 @@ class UnsafePathError(CtxcError):
     """A write or delete was asked for outside the folder it must stay in, or through a symbolic link."""
 
 
-def ctxc_home() -> Path:
-    """The storage root: `$CTXC_HOME`, else `~/.cache/ctxc`. Created on first use; a one-line error when it cannot
-    be (a file in the way, no permission)."""
-    raw = os.environ.get("CTXC_HOME")
-    root = Path(raw or Path.home() / ".cache" / "ctxc").expanduser()
-    return ensure_dir(root, "CTXC_HOME" if raw else "the ctxc home", "point CTXC_HOME at a writable folder")
-
-
 def ensure_dir(path: Path, what: str, fix: str) -> Path:
     """`path` as an existing directory (made with its parents if needed), or an InputError naming `what`."""
     try:

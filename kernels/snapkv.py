@@ -167,7 +167,7 @@ def snapkv_votes_triton(queries, keys, scale: float | None = None):
     return out
 
 
-def snapkv_scores(queries, keys, kernel: int = 5, scale: float | None = None):
+def snapkv_scores(queries, keys, kernel: int = 5, scale: float | None = None, backend: str | None = None):
     """Pooled SnapKV scores [B, Hkv, S - W] for the prefix keys (higher = keep), Triton on CUDA, torch elsewhere.
 
     Parameters
@@ -176,9 +176,10 @@ def snapkv_scores(queries, keys, kernel: int = 5, scale: float | None = None):
     keys : [B, Hkv, S, D] all keys after RoPE, the window's own keys included (as stored in the KV cache).
     kernel : odd average-pooling size (kvpress default 5).
     scale : softmax temperature, default 1/sqrt(D).
+    backend : "auto", "torch" or "triton" (default: the `kernels` setting).
     """
     _check(queries, keys, kernel)
-    votes = snapkv_votes_triton(queries, keys, scale) if use_triton(queries.device) else \
+    votes = snapkv_votes_triton(queries, keys, scale) if use_triton(queries.device, backend) else \
         snapkv_votes_torch(queries, keys, scale)
     return _pool(votes, kernel)
 

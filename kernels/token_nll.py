@@ -209,12 +209,12 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               ignore_index: int = IGNORE_INDEX, backend: str | None = None) -> torch.Tensor:
     """Per-token NLL in nats, fp32 `[N]`; picks the Triton kernel on GPUs and the chunked torch path elsewhere.
 
-    `backend` ("torch", "triton", "reference" or None = `CTXC_KERNELS`/auto) forces a path.
+    `backend` ("torch", "triton", "reference", "auto", or None = the `kernels` setting) forces a path.
     """
-    backend = backend or kernel_backend()
+    backend = backend if backend == "reference" else kernel_backend(backend)
     if backend == "reference":
         return token_nll_torch(hidden, weight, targets, bias, ignore_index)
-    if backend == "triton" or (backend == "auto" and use_triton(hidden.device)):
+    if backend == "triton" or (backend == "auto" and use_triton(hidden.device, backend)):
         if triton_device_ok(hidden.device):
             return token_nll_triton(hidden, weight, targets, bias, ignore_index)
         if backend == "triton":

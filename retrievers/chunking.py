@@ -19,19 +19,10 @@ import ast
 import bisect
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from ..document import paragraphs, sentences_in, words_in
+from ..filetypes import kind_of
 from ..tokenizers import Tokenizer, get_tokenizer
-
-MARKDOWN_SUFFIXES = frozenset({".md", ".markdown", ".mdx", ".rst"})
-PYTHON_SUFFIXES = frozenset({".py", ".pyi"})
-CODE_SUFFIXES = frozenset(
-    ".js .jsx .ts .tsx .mjs .cjs .java .c .h .cc .cpp .cxx .hpp .cs .go .rs .rb .php .swift .kt .kts .scala .sh .bash "
-    ".zsh .lua .m .r .pl .sql .css .scss .less .html .xml .vue .svelte .yaml .yml .toml .json .jl .dart .ex .exs .hs "
-    ".ml .fs .groovy .gradle .tf .proto .cmake .mk".split()
-)
-CODE_NAMES = frozenset({"makefile", "dockerfile", "cmakelists.txt", "jenkinsfile", "rakefile", "gemfile"})
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+\S|^(#{1,6})$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -64,21 +55,6 @@ class _Block:
     end: int
     hard: bool  # a break before this block is structural (heading/definition): no overlap carried across it
     parts: "list[_Block] | None" = None  # finer blocks, used when this one is too big
-
-
-def kind_of(path: str | None) -> str:
-    """'markdown', 'python', 'code' or 'prose', from the file name."""
-    if not path:
-        return "prose"
-    p = Path(path)
-    suf = p.suffix.lower()
-    if suf in MARKDOWN_SUFFIXES:
-        return "markdown"
-    if suf in PYTHON_SUFFIXES:
-        return "python"
-    if suf in CODE_SUFFIXES or p.name.lower() in CODE_NAMES:
-        return "code"
-    return "prose"
 
 
 class _Lines:

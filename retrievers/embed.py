@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 from pathlib import Path
 
@@ -28,16 +27,15 @@ def default_embedder_path() -> str:
 
 class Embedder:
     """Normalised embeddings (cosine = dot product). bf16 on CPUs with fast bf16 (about 2x faster here, cosine to
-    the fp32 vectors >= 0.99); `CTXC_EMBED_DTYPE=fp32` turns that off."""
+    the fp32 vectors >= 0.99); `dtype="fp32"` (the `embed_dtype` setting) turns that off."""
 
-    def __init__(self, path: str | None = None, device: str | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.path = str(Path(path or os.environ.get("CTXC_EMBEDDER") or default_embedder_path()).expanduser())
+    def __init__(self, path: str | None = None, device: str | None = None, dtype: str | None = None):
+        self.path = str(Path(path or default_embedder_path()).expanduser())
         if not Path(self.path).exists():
             raise ModelError(f"embedder {self.path} does not exist", "pass a sentence-transformers model directory")
         import torch
 
-        from ..hw import default_device, default_dtype, quiet_hf, torch_threads
+        from ..lm.hw import default_device, default_dtype, quiet_hf
 
         quiet_hf()
         from sentence_transformers import SentenceTransformer
@@ -52,7 +50,7 @@ class Embedder:
                 f"cannot load embedder {self.path}: {type(err).__name__}: {str(err).splitlines()[0][:160]}",
                 "pass a sentence-transformers model directory with --embedder",
             ) from None
-        dtype = default_dtype(self.device, os.environ.get("CTXC_EMBED_DTYPE"))
+        dtype = default_dtype(self.device, dtype)
         if dtype != torch.float32:
             self.model = self.model.to(dtype)
         self.dtype = str(dtype).replace("torch.", "")
@@ -60,7 +58,6 @@ class Embedder:
         self.memo_size = 200_000
         dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim_fn())
-        torch.set_num_threads(torch_threads())
 
     @property
     def name(self) -> str:
@@ -113,10 +110,11 @@ class Embedder:
         return np.ascontiguousarray(vec[0].cpu().numpy(), dtype=np.float32)
 
 
-def get_embedder(path: str | None = None, device: str | None = None) -> Embedder:
-    """One shared embedder per (path, device): loading takes seconds, encoding is what should be paid for."""
-    key = (str(path or ""), str(device or ""))
+def get_embedder(path: str | None = None, device: str | None = None, dtype: str | None = None) -> Embedder:
+    """One shared embedder per (path, device, dtype): loading takes seconds, encoding is what should be paid for.
+    `path` None is the bundled all-MiniLM-L6-v2."""
+    key = (str(path or ""), str(device or ""), str(dtype or ""))
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = Embedder(path, device)
+            _CACHE[key] = Embedder(path, device, dtype)
         return _CACHE[key]

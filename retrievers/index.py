@@ -37,6 +37,7 @@ from pydantic import Field
 from ..errors import IndexStoreError, InputError
 from ..paths import remove_tree
 from ..schema import Hex64, Open, Strict, validate
+from ..settings import Settings
 from ..tokenizers import Tokenizer, get_tokenizer
 from ..walk import display_path, walk
 from .bm25 import BM25, tokenize_words
@@ -143,10 +144,10 @@ def _embedder_spec(path: str | None) -> dict:
     return {"path": None if path is None else str(p.resolve()), "name": name}
 
 
-def _load_embedder(spec: dict):
+def _load_embedder(spec: dict, settings: Settings):
     from .embed import get_embedder
 
-    return get_embedder(spec.get("path"))
+    return get_embedder(spec.get("path"), dtype=settings.embed_dtype)
 
 
 def make_faiss(vectors: np.ndarray, hnsw_threshold: int = HNSW_THRESHOLD):
@@ -202,7 +203,9 @@ class BuildReport:
 class Index:
     """A loaded index: `search()` ranks chunks, `retrieve()` packs the best of them into a budget."""
 
-    def __init__(self, path: Path, manifest: dict, chunks: list[Chunk], faiss_index, bm25: BM25):
+    def __init__(self, path: Path, manifest: dict, chunks: list[Chunk], faiss_index, bm25: BM25,
+                 settings: Settings | None = None):
+        self.settings = settings or Settings.current()
         self.path = path
         self.manifest = manifest
         self.chunks = chunks
@@ -233,7 +236,7 @@ class Index:
         return manifest
 
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: bool = True) -> "Index":
+    def open(cls, path: str | os.PathLike, verify: bool = True, settings: Settings | None = None) -> "Index":
         """Load and check an index: format, version, the schema of every metadata file, the checksums of every data
         file, and their agreement (chunk ranges, BM25 postings and vector count against the chunk count)."""
         p = Path(path)
@@ -281,7 +284,7 @@ class Index:
         if index.ntotal and index.d != man.embedder.dim:
             raise IndexStoreError(f"{p} is inconsistent: vectors of size {index.d}, embedder size {man.embedder.dim}",
                                   _FIX)
-        return cls(p, raw_manifest, chunks, index, bm25)
+        return cls(p, raw_manifest, chunks, index, bm25, settings)
 
     # -- facts ----------------------------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -310,7 +313,7 @@ class Index:
     @property
     def embedder(self):
         if self._embedder is None:
-            self._embedder = _load_embedder(self.manifest["embedder"])
+            self._embedder = _load_embedder(self.manifest["embedder"], self.settings)
             if self._embedder.dim != self.manifest["embedder"].get("dim"):
                 raise IndexStoreError(
                     f"embedder {self._embedder.path} makes vectors of size {self._embedder.dim}, the index holds "
@@ -442,6 +445,7 @@ def build_index(
     rebuild: bool = False,
     batch_size: int = 64,
     progress: Progress | None = None,
+    settings: Settings | None = None,
 ) -> BuildReport:
     """Index the text files under `paths` into `out_dir` (created, or updated incrementally).
 
@@ -454,22 +458,23 @@ def build_index(
         raise InputError(f"chunk size {chunk_tokens} is too small", "use --chunk-tokens of at least 16")
     if not 0 <= overlap < chunk_tokens:
         raise InputError(f"overlap {overlap} must be >= 0 and below the chunk size {chunk_tokens}", "lower --overlap")
+    settings = settings or Settings.current()
     found = walk(paths, include, exclude)
-    with _build_lock(out, progress):
-        return _build(paths, found, out, chunk_tokens, overlap, embedder, hnsw_threshold, rebuild, batch_size, progress,
-                      t0, c0)
+    with _build_lock(out, progress, settings):
+        return _build(paths, found, out, chunk_tokens, overlap, embedder or settings.embedder, hnsw_threshold, rebuild,
+                      batch_size, progress, t0, c0, settings)
 
 
-def _build_lock(out: Path, progress: Progress | None):
+def _build_lock(out: Path, progress: Progress | None, settings: Settings):
     """A lock per index folder (kept under the ctxc home, not beside the user's files): a second build of the same
     folder waits for the first, then reads what it wrote, so the incremental logic still holds."""
     from filelock import FileLock, Timeout
 
-    from ..paths import ctxc_home, ensure_dir
+    from ..paths import ensure_dir
 
     ensure_dir(out.parent if str(out.parent) else Path("."), "folder", "pass -o a folder you can write to")
     key = hashlib.sha256(str(out.parent.resolve() / out.name).encode()).hexdigest()[:24]
-    locks = ensure_dir(ctxc_home() / "locks", "the lock folder", "point CTXC_HOME at a writable folder")
+    locks = ensure_dir(settings.home_dir() / "locks", "the lock folder", "point CTXC_HOME at a writable folder")
     lock = FileLock(str(locks / f"index-{key}.lock"))
     try:
         lock.acquire(timeout=0)
@@ -498,7 +503,8 @@ class _Held:
 
 
 def _build(paths, found, out: Path, chunk_tokens: int, overlap: int, embedder: str | None, hnsw_threshold: int,
-           rebuild: bool, batch_size: int, progress: Progress | None, t0: float, c0: float) -> BuildReport:
+           rebuild: bool, batch_size: int, progress: Progress | None, t0: float, c0: float,
+           settings: Settings) -> BuildReport:
     from ..textio import decode_bytes, looks_binary
 
     old_manifest = _check_target(out, rebuild)
@@ -508,15 +514,15 @@ def _build(paths, found, out: Path, chunk_tokens: int, overlap: int, embedder: s
     report = BuildReport(str(out))
     report.skipped.extend(found.skipped)
     spec = _embedder_spec(embedder)
-    settings = {"chunk_tokens": chunk_tokens, "overlap": overlap, "chunker": CHUNKER_VERSION}
+    chunking = {"chunk_tokens": chunk_tokens, "overlap": overlap, "chunker": CHUNKER_VERSION}
     tok = get_tokenizer("cl100k")
 
     old: Index | None = None
     if old_manifest is not None and not rebuild:
-        same = (old_manifest.get("chunking") == settings and old_manifest["embedder"].get("path") == spec["path"]
+        same = (old_manifest.get("chunking") == chunking and old_manifest["embedder"].get("path") == spec["path"]
                 and old_manifest["embedder"].get("name") == spec["name"])
         if same:
-            old = Index.open(out)
+            old = Index.open(out, settings=settings)
     report.full_rebuild = old is None
     old_files = {f["key"]: (i, f) for i, f in enumerate(old.manifest["files"])} if old else {}
     old_ranges = {}
@@ -580,7 +586,7 @@ def _build(paths, found, out: Path, chunk_tokens: int, overlap: int, embedder: s
         if e["reuse"] is None:
             new_texts.extend(c.text for c in e["chunks"])
     # Loading the embedder takes seconds: skip it when every file is unchanged.
-    emb = _load_embedder(spec) if new_texts or old is None else None
+    emb = _load_embedder(spec, settings) if new_texts or old is None else None
     dim = emb.dim if emb is not None else int(old.manifest["embedder"]["dim"])
     new_vecs = np.zeros((len(new_texts), dim), dtype=np.float32)
     t_emb, c_emb = time.perf_counter(), time.process_time()
@@ -634,7 +640,7 @@ def _build(paths, found, out: Path, chunk_tokens: int, overlap: int, embedder: s
         "created": (old_manifest or {}).get("created", now) if old is not None else now,
         "updated": now,
         "tokenizer": tok.name,
-        "chunking": settings,
+        "chunking": chunking,
         "embedder": {**spec, "dim": dim},
         "faiss": {"type": "hnsw" if hasattr(index, "hnsw") else "flat_ip", "hnsw_threshold": hnsw_threshold,
                   "m": HNSW_M, "ef_search": HNSW_EF_SEARCH},
@@ -684,7 +690,3 @@ def _write_index(out: Path, manifest: dict, chunks: list[Chunk], chunk_files: li
         if tmp.exists():
             remove_tree(out.parent, tmp)
         raise
-
-
-def load_index(path: str | os.PathLike, verify: bool = True) -> Index:
-    return Index.open(path, verify)

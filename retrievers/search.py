@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..fit import Fitter
 from ..tokenizers import Tokenizer
 from .chunking import Chunk
 
@@ -155,14 +156,12 @@ def pack(
         else:
             rest.append((c, s))
 
+    # Estimates are close, not exact (BPE merges across joins): the fitter drops the weakest chunk while over.
+    fitter = Fitter(lambda ix: render(merge([chosen[i] for i in ix], doc), cite), tokenizer, budget)
+    keep, n = fitter.trim(list(range(len(chosen))), lambda sel, over: [min(sel, key=lambda i: chosen[i][1])])
+    chosen = [chosen[i] for i in keep]
     groups = merge(chosen, doc)
     text = render(groups, cite)
-    n = tokenizer.count(text)
-    while chosen and n > budget:  # estimates are close, not exact (BPE merges across joins): drop the weakest
-        chosen.pop(min(range(len(chosen)), key=lambda i: chosen[i][1]))
-        groups = merge(chosen, doc)
-        text = render(groups, cite)
-        n = tokenizer.count(text)
 
     if fill and budget - n >= min_fill and (k is None or len(chosen) < k):
         nxt = next((cs for cs in rest if not inside(cs[0])), None)

@@ -48,7 +48,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def lm():
     """The default local LM (SmolLM2-135M-Instruct), loaded once."""
-    from ctxc.model import load_model
+    from ctxc.lm import load_model
 
     return load_model()
 

@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 import ctxc
 from ctxc.cli import app
-from ctxc.compressors.abstractive import AbstractiveCompressor, _fit
+from ctxc.compressors.abstractive import AbstractiveCompressor
+from ctxc.fit import cut_text as _fit
 from ctxc.compressors.pipeline import PipelineCompressor
 from ctxc.compressors.registry import get_compressor
 from ctxc.tokenizers import get_tokenizer
@@ -87,7 +88,7 @@ def _env():
 def test_lm_threads(monkeypatch):
     import torch
 
-    from ctxc.compressors.abstractive import lm_threads
+    from ctxc.lm.hw import lm_threads
 
     before = torch.get_num_threads()
     monkeypatch.setenv("CTXC_THREADS", "1")

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ctxc.api import compress
-from ctxc.batch import MANIFEST, BatchSettings, load_manifest, run_batch
+from ctxc.apps.batch import MANIFEST, BatchSettings, load_manifest, run_batch
 from ctxc.cli import app
 from ctxc.compressors.base import Compressed, Compressor
 from ctxc.compressors.registry import register
@@ -342,7 +342,7 @@ def test_ray_unreachable_address_is_one_line_error(tree, tmp_path):
 
 
 def test_check_dirs_rejects_a_file(tree, tmp_path):
-    from ctxc.batch import check_dirs
+    from ctxc.apps.batch import check_dirs
 
     with pytest.raises(InputError, match="is a file"):
         check_dirs(tree / "story.txt", tmp_path / "o")

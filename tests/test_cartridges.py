@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ctxc.cache_store import CartridgeStore, ask, build, load
 from ctxc.cache_store import engine
+from ctxc.lm.scoring import cache_kwarg
 from ctxc.cache_store.format import MANIFEST, TENSORS, manifest_address
 from ctxc.errors import CacheError, InputError
 from ctxc.kernels.kv_quant import dequantize_torch, error_bound, quantize_torch
@@ -189,7 +190,7 @@ def test_eviction_with_positions_continues_rope(lm, store, doc):
         p = torch.arange(position, position + q.shape[1])[None]
         with torch.inference_mode():
             return lm.model(input_ids=q, position_ids=p, use_cache=True,
-                            **{engine._cache_kw(lm.model): c.cache}).logits[0].float()
+                            **{cache_kwarg(lm.model): c.cache}).logits[0].float()
 
     full = logits(build(doc, lm=lm, store=store).id, m["tokens"])
     right = logits(built.id, m["tokens"])

@@ -1,4 +1,5 @@
-"""Config files and environment variables: precedence, sources, validation, and `ctxc config show`."""
+"""The one Settings object: config files and environment variables, precedence, sources, validation, `ctxc config
+show`, and that nothing is passed on through the environment."""
 
 from __future__ import annotations
 
@@ -8,18 +9,16 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from ctxc import config
 from ctxc.cli import app
-from ctxc.config import ConfigError, effective
+from ctxc.settings import ConfigError, Settings
 
 runner = CliRunner()
-ENV_KEYS = [k.env for k in config.KEYS.values() if k.env and k.env != "CTXC_HOME"]
+ENV_KEYS = [f.metadata["env"] for f in Settings.keys() if f.metadata["env"] and f.metadata["env"] != "CTXC_HOME"]
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """A clean directory, no user config, no CTXC_* settings; the CLI exports file values into os.environ, so the
-    whole environment is restored afterwards."""
+    """A clean directory, no user config, no CTXC_* settings; the environment is restored afterwards."""
     saved = dict(os.environ)
     home = tmp_path / "home"
     (home / "xdg" / "ctxc").mkdir(parents=True)
@@ -35,11 +34,15 @@ def isolated(tmp_path, monkeypatch):
     os.environ.update(saved)
 
 
+def effective():
+    return Settings.resolve()
+
+
 def test_defaults_when_nothing_is_set(isolated):
     s = effective()
-    assert s["budget"].value == "x4" and s["budget"].source == "default"
-    assert s["tokenizer"].value == "cl100k" and s["jobs"].value == 1
-    assert s["home"].source == "env CTXC_HOME"  # conftest points CTXC_HOME at .pytest_cache
+    assert s.budget == "x4" and s.sources["budget"] == "default"
+    assert s.tokenizer == "cl100k" and s.jobs == 1
+    assert s.sources["home"] == "env CTXC_HOME"  # conftest points CTXC_HOME at .pytest_cache
 
 
 def test_precedence_env_over_cwd_over_user(isolated, monkeypatch):
@@ -47,15 +50,19 @@ def test_precedence_env_over_cwd_over_user(isolated, monkeypatch):
     user.write_text('budget = "2k"\ntokenizer = "model"\njobs = 3\nexclude = "*.log"\n')
     (work / "ctxc.toml").write_text('budget = "3k"\n')
     s = effective()
-    assert (s["budget"].value, s["budget"].source) == ("3k", str(work / "ctxc.toml"))
-    assert (s["tokenizer"].value, s["tokenizer"].source) == ("model", str(user))
-    assert s["jobs"].value == 3
-    assert s["exclude"].value == ["*.log"]  # a single string becomes a one-item list
+    assert (s.budget, s.sources["budget"]) == ("3k", str(work / "ctxc.toml"))
+    assert (s.tokenizer, s.sources["tokenizer"]) == ("model", str(user))
+    assert s.jobs == 3
+    assert s.exclude == ("*.log",)  # a single string becomes a one-item list
     monkeypatch.setenv("CTXC_BUDGET", "5k")
     monkeypatch.setenv("CTXC_JOBS", "4")
     s = effective()
-    assert (s["budget"].value, s["budget"].source) == ("5k", "env CTXC_BUDGET")
-    assert s["jobs"].value == 4
+    assert (s.budget, s.sources["budget"]) == ("5k", "env CTXC_BUDGET")
+    assert s.jobs == 4
+    # a command-line value wins over everything
+    s = Settings.resolve({"budget": "9k"})
+    assert (s.budget, s.sources["budget"]) == ("9k", "option")
+    assert (s.replace(jobs=7).jobs, s.replace(jobs=None).jobs) == (7, 4)
 
 
 def test_ctxc_config_points_at_one_file(isolated, monkeypatch, tmp_path):
@@ -65,8 +72,8 @@ def test_ctxc_config_points_at_one_file(isolated, monkeypatch, tmp_path):
     other.write_text('method = "truncate"\n')
     monkeypatch.setenv("CTXC_CONFIG", str(other))
     s = effective()
-    assert s["budget"].source == "default"  # the user file is not read
-    assert (s["method"].value, s["method"].source) == ("truncate", str(other))
+    assert s.sources["budget"] == "default"  # the user file is not read
+    assert (s.method, s.sources["method"]) == ("truncate", str(other))
     monkeypatch.setenv("CTXC_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match="no such file"):
         effective()
@@ -93,8 +100,10 @@ def test_config_show_lists_sources(isolated, monkeypatch):
     user.write_text('method = "truncate"\n')
     (work / "ctxc.toml").write_text('budget = "3k"\n')
     monkeypatch.setenv("CTXC_TOKENIZER", "cl100k_base")
+    before = dict(os.environ)
     r = runner.invoke(app, ["config", "show", "--format", "json"])
     assert r.exit_code == 0, r.stderr
+    assert dict(os.environ) == before  # resolving settings writes nothing into the environment
     rows = {row["key"]: row for row in json.loads(r.stdout)["settings"]}
     assert rows["budget"]["source"] == str(work / "ctxc.toml")
     assert rows["method"]["source"] == str(user)
@@ -105,7 +114,7 @@ def test_config_show_lists_sources(isolated, monkeypatch):
     assert r.exit_code == 0
     assert "3k" in r.stdout and "ctxc.toml" in "".join(r.stdout.split())  # a long path may wrap
     r = runner.invoke(app, ["config", "show", "-f", "jsonl"])
-    assert len([json.loads(x) for x in r.stdout.splitlines()]) == len(config.KEYS)
+    assert len([json.loads(x) for x in r.stdout.splitlines()]) == len(Settings.keys())
 
 
 def test_broken_config_is_one_line_error(isolated):
@@ -135,13 +144,29 @@ def test_file_defaults_apply_to_compress_and_options_win(isolated, story_text):
     assert d["budget"] == 30 and story_text.endswith(d["text"])
 
 
-def test_file_values_reach_the_library_through_env(isolated):
+def test_file_values_reach_the_library_through_settings(isolated):
     work, _ = isolated
     (work / "ctxc.toml").write_text('tokenizer = "nosuch"\n')
     r = runner.invoke(app, ["count", "-"], input="hello world")
-    # the library read CTXC_TOKENIZER exported from the file, and the error names it
+    # the library got the file's tokenizer through the Settings the CLI resolved, and the error names it
     assert r.exit_code == 2 and "unknown tokenizer 'nosuch'" in r.stderr and r.stdout == ""
-    os.environ.pop("CTXC_TOKENIZER", None)
+    assert "CTXC_TOKENIZER" not in os.environ  # nothing travelled through the environment
     # an explicit option still wins over the file
     r = runner.invoke(app, ["count", "-", "-t", "cl100k"], input="hello world")
     assert r.exit_code == 0 and r.stdout.strip() == "2"
+
+
+def test_every_output_setting_is_in_the_cache_key(isolated):
+    """Settings that change outputs are part of Settings.key(), which batch's resume key includes."""
+    from ctxc.apps.batch import BatchSettings, settings_key
+
+    base = Settings.resolve()
+    key = base.key()
+    assert {"model", "dtype", "device", "tokenizer", "embedder", "scorer", "kernels", "coarse_threshold",
+            "embed_dtype", "native_attn"} <= set(key)
+    assert not {"jobs", "engine", "home", "budget"} & set(key)  # these change where or how fast, not what
+    ident = BatchSettings(budget="60", method="truncate", config=base.to_dict()).identity("truncate", None)
+    for name, value in (("dtype", "fp32"), ("scorer", "transformers"), ("coarse_threshold", 1000),
+                        ("embedder", "/some/where")):
+        other = BatchSettings(budget="60", method="truncate", config=base.replace(**{name: value}).to_dict())
+        assert settings_key(other.identity("truncate", None)) != settings_key(ident), name

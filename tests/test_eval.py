@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from ctxc.cli import app
 from ctxc.errors import InputError
-from ctxc.evaluate import (
+from ctxc.apps.evaluate import (
     answer_found, coverage, entities_in, load_questions, numbers_in, run_eval, write_report,
 )
 

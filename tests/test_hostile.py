@@ -489,7 +489,7 @@ def test_count_cache_build_index_and_eval_skip_links(linked_tree, store, tmp_pat
     (src / "link_in.txt").symlink_to(src / "b.txt")
     assert "link_in.txt" in {f.rel for f in walk([src], follow_symlinks=True).files}
     assert "link_in.txt" not in {f.rel for f in walk([src]).files}
-    from ctxc.evaluate import load_documents
+    from ctxc.apps.evaluate import load_documents
 
     assert sorted(n for n, _ in load_documents(src)) == ["b.txt", "docs/a.txt"]
 

@@ -1,4 +1,4 @@
-"""The native Llama-family scorer (`ctxc.llama`) against transformers: hidden states (fp32 to 1e-4, bf16 within
+"""The native Llama-family scorer (`ctxc.lm.llama`) against transformers: hidden states (fp32 to 1e-4, bf16 within
 transformers' own bf16 error), early layers, batching, token surprisal, the raw-tokenizers shim, the fallback for
 unsupported architectures and one-line errors for damaged weights."""
 
@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from ctxc import model as M
+from ctxc import lm as M
+from ctxc.lm import loader as L
 from ctxc.errors import ModelError
-from ctxc.llama import FastTokenizer, NativeLM, UnsupportedModel
+from ctxc.lm.llama import FastTokenizer, NativeLM, UnsupportedModel
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
     """One torch thread when other processes hold the cores (2 threads then stall each other at every op)."""
-    from ctxc.hw import lm_threads
+    from ctxc.lm.hw import lm_threads
 
     with lm_threads():
         yield
@@ -31,7 +32,7 @@ def _threads():
 @pytest.fixture(scope="module")
 def weights_dir(lm):
     """The directory `lm` (bf16) was loaded from: both sides of every comparison use exactly these weights."""
-    return M._weights_dir(lm.source, lm.path, lm.dtype)
+    return L._weights_dir(lm.source, lm.path, lm.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_load_scorer_is_cached_and_needs_no_transformers(scorer):
     assert M.load_scorer(backend="transformers") is M.load_model()
     with pytest.raises(ModelError, match="unknown scorer backend"):
         M.load_scorer(backend="onnx")
-    code = ("import sys; from ctxc.model import load_scorer, token_surprisal; lm = load_scorer(); "
+    code = ("import sys; from ctxc.lm import load_scorer, token_surprisal; lm = load_scorer(); "
             "n = token_surprisal(lm, [lm.tokenizer.encode('hello world, again')])[0]; "
             "assert lm.native and len(n) == 4 and 'transformers' not in sys.modules, sorted(sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

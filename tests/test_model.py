@@ -11,19 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from ctxc import model as M
+from ctxc import lm as M
+from ctxc.lm import weights as W
 from ctxc.errors import ModelError
 
 
 def test_resolve_errors(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
-        M.resolve_model_path(tmp_path / "nope")
+        W.resolve_model_path(tmp_path / "nope")
     bad = tmp_path / "weights.bin"
     bad.write_bytes(b"\0" * 10)
     with pytest.raises(ModelError, match="not a .gguf"):
-        M.resolve_model_path(bad)
+        W.resolve_model_path(bad)
     with pytest.raises(ModelError, match="no config.json"):
-        M.resolve_model_path(tmp_path)
+        W.resolve_model_path(tmp_path)
 
 
 def _fake_cache(tmp_path, n_bytes: int = 3 << 20):
@@ -36,7 +37,7 @@ def _fake_cache(tmp_path, n_bytes: int = 3 << 20):
     g = torch.Generator().manual_seed(0)
     save_file({"a": torch.randn(n_bytes // 8, generator=g), "b": torch.randn(n_bytes // 8, generator=g)},
               str(d / "model.safetensors"))
-    M.write_cache_meta(d, tmp_path / "src.gguf", "f" * 64)
+    W.write_converted_meta(d, tmp_path / "src.gguf", "f" * 64)
     return d, d / "model.safetensors"
 
 
@@ -53,54 +54,54 @@ def _flip(path, offset: int, keep_mtime: bool):
 
 def test_cache_checks_catch_damage(tmp_path):
     d, f = _fake_cache(tmp_path)
-    assert M._cache_is_valid(d, "f" * 64) and M._cache_is_valid(d, "f" * 64, full=True)
-    assert not M._cache_is_valid(d, "e" * 64)  # a different source file: not this cache
+    assert W._converted_is_valid(d, "f" * 64) and W._converted_is_valid(d, "f" * 64, full=True)
+    assert not W._converted_is_valid(d, "e" * 64)  # a different source file: not this cache
     # Damage inside a sampled block, even with the mtime put back: the cheap per-load check catches it.
     _flip(f, f.stat().st_size - 10, keep_mtime=True)
-    assert not M._cache_is_valid(d, "f" * 64)
+    assert not W._converted_is_valid(d, "f" * 64)
 
 
 def test_cache_unsampled_damage_needs_full_or_mtime(tmp_path):
     d, f = _fake_cache(tmp_path)
     size = f.stat().st_size
-    step = (size - M._SAMPLE_BYTES) // (M._SAMPLES - 1)
-    off = step // 2 + M._SAMPLE_BYTES  # between two sampled blocks
+    step = (size - W._SAMPLE_BYTES) // (W._SAMPLES - 1)
+    off = step // 2 + W._SAMPLE_BYTES  # between two sampled blocks
     _flip(f, off, keep_mtime=True)
-    assert M._cache_is_valid(d, "f" * 64)  # documented blind spot of the cheap check ...
-    assert not M._cache_is_valid(d, "f" * 64, full=True)  # ... which `verify` (full hash) closes
+    assert W._converted_is_valid(d, "f" * 64)  # documented blind spot of the cheap check ...
+    assert not W._converted_is_valid(d, "f" * 64, full=True)  # ... which `verify` (full hash) closes
     _flip(f, off, keep_mtime=True)
     _flip(f, off, keep_mtime=False)  # same damage by a normal write: the mtime moved, so the full hash runs
-    assert not M._cache_is_valid(d, "f" * 64)
+    assert not W._converted_is_valid(d, "f" * 64)
 
 
 def test_cache_checks_truncation_and_header(tmp_path):
     d, f = _fake_cache(tmp_path)
     data = f.read_bytes()
     f.write_bytes(data[:-4096])
-    assert not M._safetensors_header_ok(f) and not M._cache_is_valid(d, "f" * 64)
+    assert not W._safetensors_header_ok(f) and not W._converted_is_valid(d, "f" * 64)
     f.write_bytes(b"\xff" * 8 + data[8:])
-    assert not M._safetensors_header_ok(f)
+    assert not W._safetensors_header_ok(f)
     (d / "ctxc-model.json").write_text("{not json")
-    assert not M._cache_is_valid(d, "f" * 64)
+    assert not W._converted_is_valid(d, "f" * 64)
 
 
 def test_source_digest_memo(tmp_path, monkeypatch):
     monkeypatch.setenv("CTXC_HOME", str(tmp_path / "home"))
     src = tmp_path / "m.gguf"
     src.write_bytes(b"GGUF" + os.urandom(1000))
-    d1 = M._source_digest(src)
+    d1 = W._source_digest(src)
     memo = json.loads((tmp_path / "home" / "models" / "sources.json").read_text())
     assert list(memo.values()) == [d1]
     time.sleep(0.01)
     src.write_bytes(b"GGUF" + os.urandom(1000))  # new content, new mtime: re-hashed, old entry replaced
-    d2 = M._source_digest(src)
+    d2 = W._source_digest(src)
     assert d2 != d1 and len(json.loads((tmp_path / "home" / "models" / "sources.json").read_text())) == 1
 
 
 def test_gguf_progress_bar_is_silenced(capfd):
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    with M._silent_gguf_tqdm():
+    with W._silent_gguf_tqdm():
         for _ in gguf_utils.tqdm(range(50), desc="Converting and de-quantizing GGUF tensors..."):
             pass
     assert "Converting" not in capfd.readouterr().err
@@ -122,7 +123,7 @@ def test_loaded_model_and_verify(lm):
     assert M.load_model() is lm  # cached per process
     v = M.verify_model()
     assert v["ok"] and v["checked"] == "full"
-    assert M.fingerprint_dir(lm.path) == lm.fingerprint
+    assert W.fingerprint_dir(lm.path) == lm.fingerprint
 
 
 def test_token_surprisal_matches_logits(lm):

@@ -28,15 +28,15 @@ def tok():
     (" truncate + truncate ", [200, 100]),
 ])
 def test_stage_budgets(spec, budgets):
-    p = PipelineCompressor.from_spec(spec)
+    p = get_compressor(spec)
     assert isinstance(p, PipelineCompressor)
     assert p.stage_budgets(100) == budgets
 
 
 def test_single_stage_is_the_plain_compressor():
     assert isinstance(get_compressor("truncate"), TruncateCompressor)
-    assert isinstance(PipelineCompressor.from_spec("truncate", mode="tail"), TruncateCompressor)
-    assert PipelineCompressor.from_spec("truncate", mode="tail").mode == "tail"
+    assert isinstance(get_compressor("truncate", mode="tail"), TruncateCompressor)
+    assert get_compressor("truncate", mode="tail").mode == "tail"
 
 
 @pytest.mark.parametrize("spec, words", [

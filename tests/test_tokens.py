@@ -15,7 +15,7 @@ from ctxc.api import compress
 from ctxc.cli import app
 from ctxc.compressors.registry import get_compressor
 from ctxc.errors import MethodError
-from ctxc.tokenizers import get_tokenizer
+from ctxc import get_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .budget import Budget
-from .errors import InputError
-from .paths import OutputTree
-from .retrievers.bm25 import tokenize_words
+from ..budget import Budget
+from ..errors import InputError
+from ..paths import OutputTree
+from ..settings import Settings
+from ..retrievers.bm25 import tokenize_words
 
 
 @dataclass
@@ -120,7 +121,7 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[Question]
         raise InputError(f"{p}: no such file", "pass --questions FILE.jsonl")
     if p.is_dir():
         raise InputError(f"{p} is a directory", "pass --questions FILE.jsonl")
-    from .textio import read_text
+    from ..textio import read_text
 
     out: list[Question] = []
     for n, line in enumerate(read_text(p).splitlines(), 1):
@@ -152,9 +153,9 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[Question]
 
 def load_documents(path: str | Path, encoding: str | None = None) -> list[tuple[str, str]]:
     """(name, text) for a file, or for every text file under a directory (binary files are skipped)."""
-    from .textio import read_text
+    from ..textio import read_text
 
-    from .walk import walk
+    from ..walk import walk
 
     p = Path(path)
     found = walk([p])
@@ -243,12 +244,14 @@ def coverage(original: str, compressed: str) -> dict:
 
 class AnswerScorer:
     """Mean NLL (nats/token) of an answer given a context and a question, under the local instruct LM (chat
-    template). Contexts longer than `max_tokens` model tokens keep their head, and the row says so."""
+    template), through `ctxc.lm.target_nll`. Contexts longer than `max_tokens` model tokens keep their head, and the
+    row says so."""
 
-    def __init__(self, model: str | None = None, max_tokens: int = 2048):
-        from .model import load_model
+    def __init__(self, model: str | None = None, max_tokens: int = 2048, settings: Settings | None = None):
+        from ..lm import load_model
 
-        self.lm = load_model(model)
+        self.settings = settings or Settings.current()
+        self.lm = load_model(model, settings=self.settings)
         self.max_tokens = min(max_tokens, self.lm.max_context - 64)
 
     def _prompt(self, context: str, question: str) -> str:
@@ -256,7 +259,7 @@ class AnswerScorer:
         return self.lm.tokenizer.hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
     def nll(self, context: str, question: str, answer: str) -> tuple[float, bool]:
-        import torch
+        from ..lm import target_nll
 
         tok = self.lm.tokenizer
         a_ids = tok.encode(answer.strip())[:64]
@@ -266,14 +269,8 @@ class AnswerScorer:
         if tok.count(context) > room:
             context, truncated = tok.truncate(context, room), True
         p_ids = tok.encode(self._prompt(context, question))
-        ids = torch.tensor([p_ids + a_ids], device=self.lm.device)
-        from .hw import lm_threads
-
-        with torch.inference_mode(), lm_threads():
-            # Only the answer's logits are projected onto the vocabulary.
-            logits = self.lm.model(input_ids=ids, logits_to_keep=len(a_ids) + 1).logits[0, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, -len(a_ids):].unsqueeze(-1)).squeeze(-1)
-        return float(-lp.mean()), truncated
+        nll = target_nll(self.lm, [p_ids], a_ids, threads=self.settings.threads, kernels=self.settings.kernels)
+        return float(nll[0]), truncated
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,88 +308,76 @@ def run_eval(
     query_aware: bool = True,
     model: str | None = None,
     nll_max_tokens: int = 2048,
-    progress: bool = True,
+    progress=None,
+    settings: Settings | None = None,
     **options,
 ) -> EvalResult:
-    """Compress every document with every method at every budget and measure what survived (see module doc)."""
-    from .api import compress
-    from .compressors.registry import get_compressor
-    from .tokenizers import get_tokenizer
+    """Compress every document with every method at every budget and measure what survived (see module doc).
+    `progress(done, total, what)` hears about each step."""
+    from ..api import compress, get_tokenizer
+    from ..compressors.registry import get_compressor
 
+    settings = settings or Settings.current()
     if not methods:
         raise InputError("no methods to evaluate", "pass e.g. --methods extractive,truncate")
     if not budgets:
         raise InputError("no budgets to evaluate", "pass e.g. --budgets 4x,10x,2k")
     for m in methods:
-        get_compressor(m)  # unknown methods fail before any work is done
+        get_compressor(m, settings, **options)  # unknown methods or options fail before any work is done
     for b in budgets:
         Budget.parse(b)
-    tok = get_tokenizer(tokenizer)
+    tok = get_tokenizer(tokenizer, settings)
     items = _items(docs, questions)
     mode = "qa" if questions is not None else "coverage"
-    scorer = AnswerScorer(model, nll_max_tokens) if (nll and mode == "qa") else None
+    scorer = AnswerScorer(model, nll_max_tokens, settings) if (nll and mode == "qa") else None
     res = EvalResult(list(methods), list(budgets), tok.name, mode,
                      model=str(scorer.lm.source) if scorer else None,
                      settings={"query_aware": query_aware, "nll": bool(scorer), "nll_max_tokens": nll_max_tokens})
     per_doc = [max(1, len(qs)) if (mode == "qa" and query_aware) else 1 for _, _, qs in items]
     jobs = sum(per_doc) * len(methods) * len(budgets)
-    bar = _bar(jobs, progress)
+    done = 0
+
+    def advance(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, jobs, what)
+
     full_nll: dict[tuple[str, str], tuple[float, bool]] = {}
-    try:
-        for name, text, qs in items:
-            n_in = tok.count(text)
-            if mode == "qa" and not qs:
-                continue
-            for m in methods:
-                for b in budgets:
-                    if mode == "coverage":
-                        r = compress(text, b, method=m, tokenizer=tok, **options)
-                        cov = coverage(text, r.text)
-                        res.rows.append(CoverageRow(m, b, name, cov["numbers"], cov["entities"], cov["words"],
-                                                    n_in, r.output_tokens, r.seconds))
-                        _advance(bar, f"{m} @ {b}: {name}")
-                        continue
-                    shared = None if query_aware else compress(text, b, method=m, tokenizer=tok, **options)
-                    for q in qs:
-                        r = shared or compress(text, b, query=q.question, method=m, tokenizer=tok, **options)
-                        answer = q.answers[0]
-                        row = QARow(m, b, name, q.id, q.question, answer, answer_found(q.answers, text),
-                                    answer_found(q.answers, r.text), None, None, n_in, r.output_tokens, r.seconds)
-                        if scorer:
-                            key = (name, q.id)
-                            if key not in full_nll:
-                                full_nll[key] = scorer.nll(text, q.question, answer)
-                            row.nll_full, row.nll_truncated = full_nll[key]
-                            row.nll, _ = scorer.nll(r.text, q.question, answer)
-                        res.rows.append(row)
-                        if query_aware:
-                            _advance(bar, f"{m} @ {b}: {name}")
-                    if not query_aware:
-                        _advance(bar, f"{m} @ {b}: {name}")
-    finally:
-        if bar is not None:
-            bar[0].stop()
+    for name, text, qs in items:
+        n_in = tok.count(text)
+        if mode == "qa" and not qs:
+            continue
+        for m in methods:
+            for b in budgets:
+                if mode == "coverage":
+                    r = compress(text, b, method=m, tokenizer=tok, settings=settings, **options)
+                    cov = coverage(text, r.text)
+                    res.rows.append(CoverageRow(m, b, name, cov["numbers"], cov["entities"], cov["words"],
+                                                n_in, r.output_tokens, r.seconds))
+                    advance(f"{m} @ {b}: {name}")
+                    continue
+                shared = None if query_aware else \
+                    compress(text, b, method=m, tokenizer=tok, settings=settings, **options)
+                for q in qs:
+                    r = shared or compress(text, b, query=q.question, method=m, tokenizer=tok, settings=settings,
+                                           **options)
+                    answer = q.answers[0]
+                    row = QARow(m, b, name, q.id, q.question, answer, answer_found(q.answers, text),
+                                answer_found(q.answers, r.text), None, None, n_in, r.output_tokens, r.seconds)
+                    if scorer:
+                        key = (name, q.id)
+                        if key not in full_nll:
+                            full_nll[key] = scorer.nll(text, q.question, answer)
+                        row.nll_full, row.nll_truncated = full_nll[key]
+                        row.nll, _ = scorer.nll(r.text, q.question, answer)
+                    res.rows.append(row)
+                    if query_aware:
+                        advance(f"{m} @ {b}: {name}")
+                if not query_aware:
+                    advance(f"{m} @ {b}: {name}")
     return res
 
-
-def _bar(total: int, enabled: bool):
-    import sys
-
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 console=Console(stderr=True), transient=True)
-    task = p.add_task("eval", total=total)
-    p.start()
-    return p, task
-
-
-def _advance(bar, desc: str) -> None:
-    if bar is not None:
-        bar[0].update(bar[1], advance=1, description=desc[:60])
 
 
 # ---------------------------------------------------------------------------------------------------------------

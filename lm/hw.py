@@ -1,4 +1,5 @@
-"""Hardware facts that pick defaults: device and dtype."""
+"""Hardware facts that pick defaults: device, dtype and threads (from the settings' values, never from the
+environment directly)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,14 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
-def torch_threads() -> int:
-    """Threads for torch: `CTXC_THREADS`, else every core."""
-    env = os.environ.get("CTXC_THREADS", "").strip()
-    return int(env) if env.isdigit() and int(env) > 0 else max(1, os.cpu_count() or 1)
+def torch_threads(threads: int | None = None) -> int:
+    """Threads for torch: the `threads` setting, else every core."""
+    return threads if threads and threads > 0 else max(1, os.cpu_count() or 1)
 
 
 def default_device(requested: str | None = None) -> str:
-    """`auto` (default) picks CUDA when a GPU is present; `CTXC_DEVICE` overrides."""
-    requested = (requested or os.environ.get("CTXC_DEVICE") or "auto").lower()
+    """`auto` (default) picks CUDA when a GPU is present."""
+    requested = (requested or "auto").lower()
     if requested != "auto":
         return requested
     import torch
@@ -38,13 +38,13 @@ def default_device(requested: str | None = None) -> str:
 def default_dtype(device: str, requested: str | None = None):
     import torch
 
-    requested = (requested or os.environ.get("CTXC_DTYPE") or "auto").lower()
+    requested = (requested or "auto").lower()
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
     if requested in table:
         return table[requested]
     if requested != "auto":
-        from .errors import ModelError
+        from ..errors import ModelError
 
         raise ModelError(f"unknown dtype {requested!r}", "use auto, bf16, fp16 or fp32")
     if device.startswith("cuda"):
@@ -53,35 +53,40 @@ def default_dtype(device: str, requested: str | None = None):
 
 
 def quiet_hf() -> None:
-    """Keep transformers' progress bars and advice off stderr: our own progress and errors go there."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Keep transformers' progress bars and advice off stderr (our own progress and errors go there), through their
+    APIs: the library never sets environment variables. Every load passes `local_files_only=True`, so nothing is
+    fetched from a hub either way."""
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     except Exception:  # transformers missing or changed: noise is not worth failing over
         pass
 
 
 @contextmanager
-def lm_threads():
-    """torch intra-op threads for small-model calls: one thread when the machine is oversubscribed.
+def lm_threads(threads: int | None = None):
+    """torch intra-op threads for small-model calls: `threads` (the setting) when given, else one thread when the
+    machine is oversubscribed.
 
     A 135M model runs many tiny kernels; when other processes hold the cores, threads that wait on each other at
     every kernel cost far more than they bring (measured on a shared 2-core box at load 8: answer NLLs 11-20x and
-    decoding 6x slower with 2 threads than with 1). `CTXC_THREADS=N` forces N (see `torch_threads`).
+    decoding 6x slower with 2 threads than with 1). `CTXC_THREADS=N` (the `threads` setting) forces N.
     """
     import torch
 
+    if threads is None:
+        from ..settings import Settings
+
+        threads = Settings.current().threads
     have = torch.get_num_threads()
     want = have
-    env = os.environ.get("CTXC_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        want = int(env)
+    if threads and threads > 0:
+        want = threads
     else:
         try:
             load = os.getloadavg()[0]
@@ -120,3 +125,16 @@ def trim_heap() -> None:
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def tune_process() -> None:
+    """Process-wide knobs of the libraries underneath, for the process that owns its environment (the CLI, batch
+    workers, benchmark workers) to call before the first model call; the library itself never sets them.
+
+    oneDNN keeps a compiled primitive (with its scratch memory) for every matmul shape it sees, up to 1024 of them;
+    scoring a long document meets a new shape at nearly every batch, and that cache alone grew the resident size by
+    100-200 MB over a 64k-token input: capped at 16 (read once, at the first matmul). Tokenizers' own thread pool
+    is turned off, since worker processes may fork. A value the user set wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+

@@ -10,11 +10,11 @@ and `*.safetensors` (via `safetensors`, never importing transformers) with the w
 - RMSNorm through `F.rms_norm` (one fused kernel; the fp32 upcast happens inside);
 - attention: for bf16 on CPUs, query blocks of plain `bmm` + softmax with the query heads of one kv group stacked,
   skipping the masked upper triangle (`_blocked`); else `F.scaled_dot_product_attention` (causal, GQA without
-  repeat_kv). See `_pick_attn`; `CTXC_NATIVE_ATTN=sdpa|blocked` forces one.
+  repeat_kv). See `_pick_attn`; the `native_attn` setting (`CTXC_NATIVE_ATTN=sdpa|blocked`) forces one.
 
 Supported: `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (q/k/v bias), silu MLP without bias,
 rope scaling none/default or `llama3`, tied or untied lm_head. Anything else raises `UnsupportedModel` (a
-`ModelError`) so `ctxc.model.load_scorer` falls back to transformers; damaged or missing weight files raise a plain
+`ModelError`) so `ctxc.lm.load_scorer` falls back to transformers; damaged or missing weight files raise a plain
 one-line `ModelError`. Agreement with transformers (tests/test_llama.py): fp32 hidden states to ~1e-4, bf16 within
 bf16 rounding.
 """
@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError
+from ..errors import ModelError
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -171,12 +171,12 @@ class NativeLM:
         self.num_layers = n
         self.inv_freq = _rope_inv_freq(cfg, self.hd).to(self.device)
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.attn = os.environ.get("CTXC_NATIVE_ATTN", "auto")
+        self.attn = "auto"  # the `native_attn` setting (see `load` and `_pick_attn`)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> "NativeLM":
+             device: str | torch.device = "cpu", attn: str = "auto") -> "NativeLM":
         """Build from an HF directory (config.json + safetensors). Raises `UnsupportedModel` before reading any
         weights when the config is not supported, `ModelError` on missing/damaged files."""
         d = Path(path)
@@ -200,7 +200,9 @@ class NativeLM:
             raise ModelError(f"cannot read the weights in {d}: {type(err).__name__}: {str(err).splitlines()[0][:160]}",
                              "the file is damaged: re-download or re-convert the model") from None
         try:
-            return cls(cfg, tensors, dtype, device)
+            lm = cls(cfg, tensors, dtype, device)
+            lm.attn = attn
+            return lm
         except (KeyError, ValueError, TypeError) as err:
             raise ModelError(f"config.json in {d} is incomplete: {type(err).__name__}: {err}",
                              "pass a complete transformers model directory") from None
@@ -299,7 +301,7 @@ class NativeLM:
         B, L = ids.shape
         if L > self.max_context:
             raise ModelError(f"a sequence of {L} tokens exceeds the model context of {self.max_context}",
-                             "score it in windows (ctxc.model.windows)")
+                             "score it in windows (ctxc.lm.scoring.windows)")
         nq, nkv, hd, H, eps, inter = self.nq, self.nkv, self.hd, self.hidden_size, self.eps, self.inter
         cos, sin = self._rope(L)
         mode = self._pick_attn(L)

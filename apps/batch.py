@@ -15,6 +15,7 @@ left out.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,9 +30,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from .errors import CtxcError, InputError, MethodError
-from .paths import OutputTree
-from .schema import Open
+from ..errors import CtxcError, InputError, MethodError
+from ..paths import OutputTree
+from ..schema import Open
+from ..settings import Settings
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_VERSION = 1
@@ -42,7 +44,8 @@ _STALE_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 @dataclass
 class BatchSettings:
     """What every file is compressed with. `method=None` picks per file (`code` for source files, else
-    `extractive`); `options` are method options (mode, mark_gaps, keep, ...)."""
+    `extractive`); `options` are method options (mode, mark_gaps, keep, ...); `config` the ctxc settings as plain
+    values (`Settings.to_dict()`; empty: `Settings.current()` when the batch starts), which travel to the workers."""
 
     budget: str = "x4"
     method: str | None = None
@@ -50,17 +53,24 @@ class BatchSettings:
     query: str | None = None
     encoding: str | None = None
     options: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def settings(self) -> Settings:
+        return Settings(**self.config) if self.config else Settings.current()
 
     def identity(self, method: str, query: str | None) -> dict:
-        """Everything that can change one file's output; its hash is the manifest's `settings_key`."""
-        from . import __version__
-        from .tokenizers import get_tokenizer
+        """Everything that can change one file's output; its hash is the manifest's `settings_key`: the budget,
+        method, options, query, encoding, the tokenizer's vocabulary, and every setting that changes outputs
+        (`Settings.key()`: model, dtype, device, embedder, scoring backend, kernels, coarse threshold, ...)."""
+        from .. import __version__
+        from ..api import get_tokenizer
 
+        s = self.settings()
         return {
             "ctxc": __version__, "budget": str(self.budget), "method": method, "query": query,
-            "tokenizer": get_tokenizer(self.tokenizer).fingerprint, "encoding": self.encoding,
+            "tokenizer": get_tokenizer(self.tokenizer, s).fingerprint, "encoding": self.encoding,
             "options": {k: v for k, v in sorted(self.options.items()) if v is not None},
-            "model": os.environ.get("CTXC_MODEL"), "embedder": os.environ.get("CTXC_EMBEDDER"),
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.key().items()},
         }
 
 
@@ -143,7 +153,7 @@ def plan(in_dir: Path, include: list[str] | None = None, exclude: list[str] | No
          ) -> tuple[list[str], list[tuple[str, str]]]:
     """Relative paths of the files under `in_dir` (see `ctxc.walk`), sorted, and what was left out on purpose
     (symbolic links), as (relative path, reason)."""
-    from .walk import walk
+    from ..walk import walk
 
     found = walk([in_dir], include, exclude)
     skipped = [(Path(p).relative_to(in_dir).as_posix(), why) for p, why in found.skipped
@@ -252,34 +262,33 @@ def init_worker(settings: dict, threads: int | None = None, pool: bool = False) 
     """Once per worker process: build the tokenizer and (when the method is fixed) the compressor, so models and
     embedders load once per worker and stay in this process's caches for every later file.
 
-    `threads` caps torch's intra-op threads so N workers don't each start one thread per core; `pool` workers
-    ignore Ctrl-C, which the driver handles (otherwise every worker would print its own traceback)."""
-    from .compressors.registry import get_compressor
-    from .tokenizers import get_tokenizer
+    `threads` caps torch's intra-op threads (the `threads` setting) so N workers don't each start one thread per
+    core; `pool` workers ignore Ctrl-C, which the driver handles (otherwise every worker would print its own
+    traceback). A worker process is the batch's own, so it tunes its process (`ctxc.lm.hw.tune_process`)."""
+    from ..api import get_tokenizer
+    from ..compressors.registry import get_compressor
+    from ..lm.hw import tune_process
 
     if pool:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if threads:
-        import sys
-
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(threads))
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(threads)
-
+        tune_process()
     s = BatchSettings(**settings)
+    config = s.settings()
+    if threads and not config.threads:
+        config = config.replace(threads=threads)
+        s = BatchSettings(**{**settings, "config": config.to_dict()})
     _WORKER.clear()
-    _WORKER.update(settings=s, tokenizer=get_tokenizer(s.tokenizer), setups=_WORKER.get("setups", 0) + 1,
-                   id=f"{os.uname().nodename}:{os.getpid()}")
+    _WORKER.update(settings=s, config=config, tokenizer=get_tokenizer(s.tokenizer, config),
+                   setups=_WORKER.get("setups", 0) + 1, id=f"{os.uname().nodename}:{os.getpid()}")
     if s.method:
-        get_compressor(s.method, **s.options)
+        get_compressor(s.method, config, **s.options)
 
 
 def classify_unreadable(data: bytes, encoding: str | None) -> str | None:
     """'binary', 'undecodable' or None (decodes fine)."""
-    from .textio import decode_bytes, looks_binary
+    from ..textio import decode_bytes, looks_binary
 
     if encoding is None and looks_binary(data):
         return "binary"
@@ -292,12 +301,13 @@ def classify_unreadable(data: bytes, encoding: str | None) -> str | None:
 
 def run_job(rel: str, data: bytes, query: str | None, settings: dict | None = None) -> dict:
     """Compress one file's bytes; never raises (a failing file must not stop the batch)."""
-    from .api import compress
-    from .compressors.registry import auto_method
-    from .textio import decode_bytes
+    from ..api import compress
+    from ..compressors.registry import auto_method
+    from ..textio import decode_bytes
 
-    if settings is not None and (not _WORKER or asdict(_WORKER["settings"]) != settings):
+    if settings is not None and (not _WORKER or _WORKER.get("given") != settings):
         init_worker(settings)
+        _WORKER["given"] = settings
     s: BatchSettings = _WORKER["settings"]
     t0 = time.perf_counter()
     method = s.method or auto_method(rel)
@@ -309,7 +319,8 @@ def run_job(rel: str, data: bytes, query: str | None, settings: dict | None = No
         text = decode_bytes(data, rel, s.encoding)
         if not text.strip():
             return {**out, "status": "skipped", "reason": "empty"}
-        res = compress(text, s.budget, query=query, method=method, tokenizer=_WORKER["tokenizer"], **s.options)
+        res = compress(text, s.budget, query=query, method=method, tokenizer=_WORKER["tokenizer"],
+                       settings=_WORKER["config"], **s.options)
         return {**out, "status": "done", "text": res.text, "input_tokens": res.input_tokens,
                 "output_tokens": res.output_tokens, "seconds": time.perf_counter() - t0}
     except CtxcError as err:
@@ -377,7 +388,6 @@ def _probe(address: str | None, timeout: float = 5.0) -> None:
                           "start one with `ray start --head` and pass --address HOST:6379, or omit --address") from None
 
 
-RAY_START_TIMEOUT_S = float(os.environ.get("CTXC_RAY_TIMEOUT") or 90)
 
 
 class _LocalRay:
@@ -386,8 +396,8 @@ class _LocalRay:
     in a file there, not on the user's terminal. It never joins or reuses a cluster recorded under /tmp/ray by an
     earlier session. Stopped (and its folder removed) when the batch ends."""
 
-    def __init__(self, cpus: int):
-        self.cpus = cpus
+    def __init__(self, cpus: int, timeout: float):
+        self.cpus, self.timeout = cpus, timeout
         self.head = None
         self.dir = None
 
@@ -417,11 +427,11 @@ class _LocalRay:
                  "--temp-dir", str(self.dir)],
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
                 start_new_session=True)
-        deadline = time.monotonic() + RAY_START_TIMEOUT_S
+        deadline = time.monotonic() + self.timeout
         while b"Ray runtime started" not in log.read_bytes():
             if self.head.poll() is not None or time.monotonic() > deadline:
                 tail = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-1:] or ["no output"]
-                why = "exited" if self.head.poll() is not None else f"did not start within {RAY_START_TIMEOUT_S:.0f} s"
+                why = "exited" if self.head.poll() is not None else f"did not start within {self.timeout:.0f} s"
                 self.stop()
                 raise MethodError(f"a local Ray instance {why} ({tail[0].strip()[:200]})",
                                   "check that Ray works (`ray start --head`), raise CTXC_RAY_TIMEOUT, or use "
@@ -450,8 +460,9 @@ class _LocalRay:
             self.dir = None
 
 
-def _start_ray(address: str, env: dict) -> None:
-    """Connect to the Ray cluster at `address` within `RAY_START_TIMEOUT_S` seconds, or a one-line error; Ray's own
+def _start_ray(address: str, timeout: float) -> None:
+    """Connect to the Ray cluster at `address` within `timeout` seconds (the `ray_timeout` setting), or a one-line
+    error; Ray's own
     log lines stay out of the user's terminal."""
     import logging
     import threading
@@ -463,15 +474,15 @@ def _start_ray(address: str, env: dict) -> None:
     def start() -> None:
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
-                     logging_level=logging.ERROR, runtime_env={"env_vars": env} if env else None)
+                     logging_level=logging.ERROR)
         except BaseException as err:  # noqa: BLE001 - reported below as one line
             outcome["error"] = err
 
     t = threading.Thread(target=start, daemon=True)
     t.start()
-    t.join(RAY_START_TIMEOUT_S)
+    t.join(timeout)
     if t.is_alive():
-        raise MethodError(f"Ray did not connect to {address} within {RAY_START_TIMEOUT_S:.0f} s",
+        raise MethodError(f"Ray did not connect to {address} within {timeout:.0f} s",
                           "check `ray status` on the cluster, raise CTXC_RAY_TIMEOUT, or use --engine local")
     err = outcome.get("error")
     if err is not None:
@@ -480,23 +491,22 @@ def _start_ray(address: str, env: dict) -> None:
                           "start one with `ray start --head` and pass --address HOST:6379, or omit --address")
 
 
-def _ray(jobs, settings: dict, n: int, address: str | None):
-    """One actor per worker (each loads the method once); jobs carry the file bytes, so the cluster needs no view
-    of the driver's filesystem, only ctxc installed (or shipped with a runtime_env)."""
+def _ray(jobs, settings: dict, n: int, address: str | None, timeout: float):
+    """One actor per worker (each loads the method once); jobs carry the file bytes and the settings travel with
+    the actors, so the cluster needs no view of the driver's filesystem or environment, only ctxc installed."""
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(("CTXC_", "HF_", "TRANSFORMERS_"))}
     # The local instance's token must be in the environment before Ray is imported (it reads its auth settings once).
     started_here = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     local = None
     if started_here and not address:
-        local = _LocalRay(os.cpu_count() or 1)
+        local = _LocalRay(os.cpu_count() or 1, timeout)
         address = local.start()
     import ray
 
     if started_here:
         try:
-            _start_ray(address, env)
+            _start_ray(address, timeout)
         except BaseException:
             if local is not None:
                 local.stop()
@@ -561,8 +571,8 @@ def run_batch(
     `on_plan(n_to_do, n_unchanged)` is called once before work starts; `on_result` after each file (including
     unchanged ones). Returns the summary; files that failed are listed in `summary.failures`.
     """
-    from .budget import Budget
-    from .compressors.registry import auto_method, get_compressor
+    from ..budget import Budget
+    from ..compressors.registry import auto_method, get_compressor
 
     t0 = time.perf_counter()
     src, dst = check_dirs(in_dir, out_dir)
@@ -571,8 +581,11 @@ def run_batch(
         raise MethodError(f"unknown engine {engine!r}", "use --engine local or --engine ray")
     if jobs < 1:
         raise MethodError(f"bad -j {jobs}", "use -j 1 or more")
+    if not settings.config:
+        settings = dataclasses.replace(settings, config=Settings.current().to_dict())
+    config = settings.settings()
     if settings.method:
-        get_compressor(settings.method, **settings.options)  # unknown method / bad option: fail before any work
+        get_compressor(settings.method, config, **settings.options)  # unknown method / bad option: fail before work
     if engine == "ray":
         if not ray_available():
             raise MethodError("--engine ray needs the ray package", "pip install 'ctxc[ray]' (or pip install ray)")
@@ -630,7 +643,7 @@ def run_batch(
 
     sdict = asdict(settings)
     if engine == "ray":
-        results = _ray(job_stream(), sdict, jobs, address)
+        results = _ray(job_stream(), sdict, jobs, address, config.ray_timeout)
     elif jobs > 1 and len(todo) > 1:
         results = _local_pool(job_stream(), sdict, min(jobs, len(todo)))
     else:
