@@ -35,8 +35,9 @@ from ..paths import OutputTree
 from ..schema import Open
 from ..settings import Settings
 
-MANIFEST = "manifest.jsonl"
-MANIFEST_VERSION = 1
+# The resume manifest of OUT_DIR (JSON lines; a cartridge's manifest.json is another thing).
+RESUME_MANIFEST = "manifest.jsonl"
+RESUME_MANIFEST_VERSION = 1
 # Temp files that `atomic_write_bytes` leaves when killed between write and rename: `.NAME.XXXXXXXX.tmp`.
 _STALE_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
@@ -62,7 +63,7 @@ class BatchSettings:
         """Everything that can change one file's output; its hash is the manifest's `settings_key`: the budget,
         method, options, query, encoding, the tokenizer's vocabulary, and every setting that changes outputs
         (`Settings.key()`: model, dtype, device, embedder, scoring backend, kernels, coarse threshold, ...)."""
-        from .. import __version__
+        from ..version import __version__
         from ..api import get_tokenizer
 
         s = self.settings()
@@ -95,7 +96,7 @@ class FileResult:
 
     def manifest_line(self) -> str:
         d = asdict(self)
-        d["v"] = MANIFEST_VERSION
+        d["v"] = RESUME_MANIFEST_VERSION
         return json.dumps(d, ensure_ascii=False, sort_keys=True)
 
 
@@ -210,7 +211,7 @@ def load_manifest(out_dir: Path) -> dict[str, dict]:
     redone). The manifest is read without following a link."""
     from pydantic import ValidationError
 
-    data = OutputTree(out_dir, create=False).read(MANIFEST) if out_dir.is_dir() else None
+    data = OutputTree(out_dir, create=False).read(RESUME_MANIFEST) if out_dir.is_dir() else None
     entries: dict[str, dict] = {}
     for line in (data or b"").decode("utf-8", "replace").splitlines():
         try:
@@ -225,8 +226,8 @@ class _ManifestWriter:
     """Appends one line per finished file; repairs a final line that a crash left without its newline."""
 
     def __init__(self, tree: OutputTree):
-        old = tree.read(MANIFEST)
-        self.fh = tree.append(MANIFEST)
+        old = tree.read(RESUME_MANIFEST)
+        self.fh = tree.append(RESUME_MANIFEST)
         if old and not old.endswith(b"\n"):
             self.fh.write("\n")
 
@@ -241,7 +242,7 @@ class _ManifestWriter:
 def _compact(tree: OutputTree) -> None:
     """Rewrite the manifest with one (the latest) line per path, atomically."""
     entries = load_manifest(tree.root)
-    tree.write_text(MANIFEST, "".join(json.dumps(entries[k], ensure_ascii=False, sort_keys=True) + "\n"
+    tree.write_text(RESUME_MANIFEST, "".join(json.dumps(entries[k], ensure_ascii=False, sort_keys=True) + "\n"
                                       for k in sorted(entries)))
 
 
@@ -602,8 +603,8 @@ def run_batch(
     unchanged: list[FileResult] = []
     unreadable: list[tuple[str, str]] = []  # rel, reason: counted as failed (and retried next run)
     for rel in files:
-        if rel == MANIFEST:  # its output would overwrite the manifest
-            unreadable.append((rel, f"its output would replace OUT_DIR/{MANIFEST} (use --exclude {MANIFEST})"))
+        if rel == RESUME_MANIFEST:  # its output would overwrite the manifest
+            unreadable.append((rel, f"its output would replace OUT_DIR/{RESUME_MANIFEST} (use --exclude {RESUME_MANIFEST})"))
             continue
         try:
             data = (src / rel).read_bytes()

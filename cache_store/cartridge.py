@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CacheError, InputError
 from . import engine
 from .engine import CartridgeSettings

@@ -11,7 +11,7 @@ from enum import Enum
 import typer
 
 from ..errors import CtxcError
-from ..textio import printable
+from ..terminal import printable
 
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 
 app = typer.Typer(
     name="ctxc",
@@ -47,7 +47,7 @@ def _global(
     """
     from ..errors import CtxcError
     from ..settings import Settings
-    from ..textio import printable
+    from ..terminal import printable
     from ._common import die
 
     try:

@@ -11,7 +11,7 @@ import typer
 
 from .app import app
 from ._common import die, err_console, handle_errors, parse_options, settings_of
-from ..textio import printable
+from ..terminal import printable
 
 
 class BatchFormat(str, Enum):

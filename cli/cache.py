@@ -75,7 +75,8 @@ def build_cmd(
     from ..cache_store.store import CartridgeStore
     from ..errors import InputError
     from ..lm import load_model
-    from ..textio import printable, read_text
+    from ..terminal import printable
+    from ..textio import read_text
     from ..walk import walk
 
     settings = settings_of(ctx, model=model, encoding=encoding)
@@ -169,7 +170,7 @@ def ls_cmd(
     from rich.table import Table
     from rich.text import Text
 
-    from ..textio import printable
+    from ..terminal import printable
 
     table = Table(show_edge=False, box=None)
     for col, just in (("id", "left"), ("name", "left"), ("doc", "left"), ("tokens", "right"), ("size", "right"),
@@ -236,7 +237,7 @@ def verify_cmd(
     """Check manifests, file sizes and sha256 checksums; exit 1 if any cartridge is damaged."""
     from ..cache_store.store import CartridgeStore
 
-    from ..textio import printable
+    from ..terminal import printable
 
     store = CartridgeStore(settings=settings_of(ctx))
     results = store.verify(ref)
@@ -347,7 +348,7 @@ def ask(
               encoding=settings.encoding, settings=settings)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    from ..textio import printable
+    from ..terminal import printable
 
     for note in res.stats.get("notes", []):
         typer.echo(f"ctxc: note: {printable(note)}", err=True)

@@ -210,7 +210,7 @@ def count(
         from rich.table import Table
         from rich.text import Text
 
-        from ..textio import printable
+        from ..terminal import printable
 
         table = Table(show_edge=False, box=None)
         table.add_column("tokens", justify="right")
@@ -221,7 +221,7 @@ def count(
         table.add_row(f"{total:,}", f"total ({len(rows)} files, {tok.name})")
         Console(highlight=False, soft_wrap=True).print(table)
     if skipped:
-        from ..textio import printable
+        from ..terminal import printable
 
         err_console().print(printable(f"skipped {len(skipped)} file(s): " + "; ".join(skipped[:5])), markup=False)
     if ceiling is not None and total > ceiling.resolve(total):

@@ -52,7 +52,7 @@ def show(
     from rich.table import Table
     from rich.text import Text
 
-    from ..textio import printable
+    from ..terminal import printable
 
     table = Table(show_edge=False, box=None)
     for col in ("key", "value", "source", "env"):

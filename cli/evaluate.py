@@ -74,7 +74,7 @@ def eval_cmd(
         from rich.table import Table
         from rich.text import Text
 
-        from ..textio import printable
+        from ..terminal import printable
 
         head, rows = summary_rows(res)
         table = Table(show_edge=False, box=None)

@@ -50,7 +50,7 @@ def build(
       ctxc index build notes/ -o idx --include '*.md' --exclude 'drafts/**'
     """
     from ..retrievers.index import build_index
-    from ..textio import printable
+    from ..terminal import printable
 
     console = err_console()
     bar = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..fit import Fitter
+from ..fit import Fitter, head
 from ..retrievers.bm25 import BM25
 from ..tokenizers import Tokenizer
 from .base import Compressed, Compressor
@@ -673,11 +673,25 @@ class CodeCompressor(Compressor):
         kept_keys, _ = fitter.trim(sorted(sel), last_added)
         sel = set(kept_keys)
         out, kept = _render(text, pieces, sel)
+        if not out.strip() and text.strip():
+            # Every statement alone is over the budget (one giant line): its head rather than nothing, for Python
+            # only when the head still parses (the output of Python always does).
+            cut, cut_kept = head(text, budget, tokenizer)
+            if lang != "python" or _parses(cut):
+                out, kept = cut, cut_kept
         info.update({"language": lang, "units": len(plan.units),
                      "named": [u.qualname for u, m in zip(plan.units, named) if m],
                      "bodies_kept": sum(1 for k in sel if k.endswith(".body")),
                      "bodies": sum(1 for k in items if k.endswith(".body"))})
         return Compressed(out, kept, info)
+
+
+def _parses(src: str) -> bool:
+    try:
+        ast.parse(src)
+        return True
+    except (SyntaxError, ValueError, RecursionError):
+        return False
 
 
 def _owner(pc: Piece) -> str | None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MethodError
-from ..fit import Fitter
+from ..fit import Fitter, head
 from ..tokenizers import Tokenizer
 from .base import Compressed, Compressor
 
@@ -392,6 +392,8 @@ class TokensCompressor(Compressor):
                 refined = True
         keep_idx = self._fit(doc, order, budget, tokenizer)
         out, kept = self._render(doc, keep_idx, spans=True)
+        if not out and text.strip():  # every word alone is over the budget: its head rather than nothing
+            out, kept = head(text, budget, tokenizer)
         seconds = time.perf_counter() - t0
         stats.update({"words": nw, "kept_words": int(len(keep_idx)), "forced_words": int(forced.sum()),
                       "model_tokens": len(doc.ids), "refined": refined, "layers": self.layers,

@@ -10,7 +10,7 @@ True
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .api import CompressionResult, compress, count, get_tokenizer  # noqa: E402
 from .budget import Budget, parse_budget  # noqa: E402

@@ -16,7 +16,7 @@ class CtxcError(Exception):
     def one_line(self) -> str:
         """The message and the fix on one line, control characters escaped (messages quote names and paths that
         came from files)."""
-        from .textio import printable
+        from .terminal import printable
 
         text = f"{self.message}" + (f" ({self.hint})" if self.hint else "")
         return printable(" ".join(text.split()))

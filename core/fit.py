@@ -88,3 +88,12 @@ def cut_text(text: str, budget: int, tokenizer: Tokenizer, keep_share: float = 0
     if ends and ends[-1].end() >= len(cut) * keep_share:
         cut = cut[: ends[-1].end()]
     return cut.rstrip()
+
+
+def head(text: str, budget: int, tokenizer: Tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The last resort of a method whose units are all bigger than the budget (one giant word, one giant line):
+    the longest verbatim prefix that fits, rather than nothing. Returns (text, kept spans)."""
+    cut = tokenizer.truncate(text.lstrip(), budget)
+    start = len(text) - len(text.lstrip())
+    return cut, ([(start, start + len(cut))] if cut else [])
+

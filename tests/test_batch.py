@@ -19,7 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ctxc.api import compress
-from ctxc.apps.batch import MANIFEST, BatchSettings, load_manifest, run_batch
+from ctxc.apps.batch import RESUME_MANIFEST as MANIFEST
+from ctxc.apps.batch import BatchSettings, load_manifest, run_batch
 from ctxc.cli import app
 from ctxc.compressors.base import Compressed, Compressor
 from ctxc.compressors.registry import register
