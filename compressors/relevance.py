@@ -23,11 +23,12 @@ from ..settings import Settings
 
 
 def embedder_for(path: str | None, settings: Settings | None):
-    """The shared embedder for a method's `embedder` option, else the `embedder` setting (and its dtype)."""
+    """The shared embedder for a method's `embedder` option, else the `embedder` setting (and its dtype), with the
+    disk memo of embeddings under the ctxc home."""
     from ..retrievers.embed import get_embedder
 
     s = settings or Settings.current()
-    return get_embedder(path or s.embedder, dtype=s.embed_dtype)
+    return get_embedder(path or s.embedder, dtype=s.embed_dtype, store=s.home_dir(), threads=s.threads)
 
 
 def unit_norm(x: np.ndarray) -> np.ndarray:
