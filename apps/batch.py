@@ -69,7 +69,8 @@ class BatchSettings:
         s = self.settings()
         return {
             "ctxc": __version__, "budget": str(self.budget), "method": method, "query": query,
-            "tokenizer": get_tokenizer(self.tokenizer, s).fingerprint, "encoding": self.encoding,
+            "tokenizer": self.tokenizer or s.tokenizer,
+            "tokenizer_fingerprint": get_tokenizer(self.tokenizer, s).fingerprint, "encoding": self.encoding,
             "options": {k: v for k, v in sorted(self.options.items()) if v is not None},
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.key().items()},
         }
@@ -99,6 +100,13 @@ class FileResult:
         d["v"] = RESUME_MANIFEST_VERSION
         return json.dumps(d, ensure_ascii=False, sort_keys=True)
 
+    def to_json(self) -> dict:
+        """One file's result in the JSON vocabulary shared by every command."""
+        return {"path": self.path, "status": self.status, "reason": self.reason or None, "method": self.method,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "tokenizer": self.settings.get("tokenizer"), "seconds": round(self.seconds, 3),
+                "sha256": self.sha256, "output_sha256": self.output_sha256 or None, "worker": self.worker or None}
+
 
 @dataclass
 class BatchSummary:
@@ -109,10 +117,11 @@ class BatchSummary:
     unchanged: int = 0
     skipped: int = 0
     failed: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
     seconds: float = 0.0
     skip_reasons: dict = field(default_factory=dict)
+    skips: list = field(default_factory=list)  # [path, reason]
     failures: list = field(default_factory=list)  # [path, reason]
     unmatched_queries: list = field(default_factory=list)
     engine: str = "local"
@@ -120,13 +129,19 @@ class BatchSummary:
 
     @property
     def ratio(self) -> float:
-        return self.tokens_in / max(1, self.tokens_out)
+        return self.input_tokens / max(1, self.output_tokens)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["ratio"] = round(self.ratio, 3)
-        d["seconds"] = round(self.seconds, 3)
-        return d
+        """The summary in the JSON vocabulary: counts per status under `counts`, skipped and failed files as
+        `{path, reason}` lists (like every command's `skipped`)."""
+        return {"in_dir": self.in_dir, "out_dir": self.out_dir, "total": self.total,
+                "counts": {"done": self.done, "unchanged": self.unchanged, "skipped": self.skipped,
+                           "failed": self.failed},
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "ratio": round(self.ratio, 3),
+                "seconds": round(self.seconds, 3), "skip_reasons": self.skip_reasons,
+                "skipped": [{"path": p, "reason": r} for p, r in self.skips],
+                "failures": [{"path": p, "reason": r} for p, r in self.failures],
+                "unmatched_queries": self.unmatched_queries, "engine": self.engine, "workers": self.workers}
 
 
 # ----------------------------------------------------------------------------------------------------------- planning
@@ -626,8 +641,9 @@ def run_batch(
         summary.unchanged += 1
         if r.status == "skipped":
             summary.skip_reasons[r.reason] = summary.skip_reasons.get(r.reason, 0) + 1
-        summary.tokens_in += r.input_tokens
-        summary.tokens_out += r.output_tokens
+            summary.skips.append([r.path, r.reason])
+        summary.input_tokens += r.input_tokens
+        summary.output_tokens += r.output_tokens
         if on_result:
             on_result(FileResult(**{**asdict(r), "status": "unchanged"}))
 
@@ -655,6 +671,7 @@ def run_batch(
     for rel, why in left_out:
         reasons[why] += 1
         summary.skipped += 1
+        summary.skips.append([rel, why])
         if on_result:
             on_result(FileResult(rel, "skipped", why))
     try:
@@ -675,11 +692,12 @@ def run_batch(
                 res.output_sha256 = hashlib.sha256(data).hexdigest()
             if res.status == "done":
                 summary.done += 1
-                summary.tokens_in += res.input_tokens
-                summary.tokens_out += res.output_tokens
+                summary.input_tokens += res.input_tokens
+                summary.output_tokens += res.output_tokens
             elif res.status == "skipped":
                 summary.skipped += 1
                 reasons[res.reason] += 1
+                summary.skips.append([rel, res.reason])
             else:
                 summary.failed += 1
                 summary.failures.append([rel, res.reason])

@@ -46,7 +46,7 @@ class QARow:
     input_tokens: int
     output_tokens: int
     seconds: float
-    nll_truncated: bool = False
+    nll_windows: int = 1  # the full-document NLL is the best of this many windows (1: the whole document fit)
 
 
 @dataclass
@@ -244,33 +244,41 @@ def coverage(original: str, compressed: str) -> dict:
 
 class AnswerScorer:
     """Mean NLL (nats/token) of an answer given a context and a question, under the local instruct LM (chat
-    template), through `ctxc.lm.target_nll`. Contexts longer than `max_tokens` model tokens keep their head, and the
-    row says so."""
+    template), through `ctxc.lm.target_nll`.
 
-    def __init__(self, model: str | None = None, max_tokens: int = 2048, settings: Settings | None = None):
+    A context that does not fit `window` model tokens (default: the model's whole context) is scored window by
+    window (half-overlapping, covering all of it) and the best window counts: the answer's NLL when the model sees the
+    part of the document that best supports it. The row records how many windows that took, so a report never
+    passes off a truncated baseline as the full document."""
+
+    def __init__(self, model: str | None = None, window: int | None = None, settings: Settings | None = None):
         from ..lm import load_model
 
         self.settings = settings or Settings.current()
         self.lm = load_model(model, settings=self.settings)
-        self.max_tokens = min(max_tokens, self.lm.max_context - 64)
+        self.window = min(window or self.lm.max_context, self.lm.max_context)
 
     def _prompt(self, context: str, question: str) -> str:
         msgs = [{"role": "user", "content": f"{context}\n\nAnswer the question briefly.\nQuestion: {question}"}]
         return self.lm.tokenizer.hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
-    def nll(self, context: str, question: str, answer: str) -> tuple[float, bool]:
+    def nll(self, context: str, question: str, answer: str) -> tuple[float, int]:
+        """(mean answer NLL, number of windows scored: 1 when the whole context fit)."""
         from ..lm import target_nll
 
         tok = self.lm.tokenizer
         a_ids = tok.encode(answer.strip())[:64]
-        fixed = len(tok.encode(self._prompt("", question))) + len(a_ids)
-        room = max(16, self.max_tokens - fixed)
-        truncated = False
-        if tok.count(context) > room:
-            context, truncated = tok.truncate(context, room), True
-        p_ids = tok.encode(self._prompt(context, question))
-        nll = target_nll(self.lm, [p_ids], a_ids, threads=self.settings.threads, kernels=self.settings.kernels)
-        return float(nll[0]), truncated
+        # a margin of 8 tokens: a window decoded and re-encoded inside the template can merge differently
+        room = max(16, self.window - len(tok.encode(self._prompt("", question))) - len(a_ids) - 8)
+        c_ids = tok.encode(context)
+        if len(c_ids) <= room:
+            pieces = [context]
+        else:
+            starts = list(range(0, len(c_ids) - room, max(1, room // 2))) + [len(c_ids) - room]
+            pieces = [tok.decode(c_ids[s:s + room]) for s in starts]
+        prompts = [tok.encode(self._prompt(p, question))[: self.window - len(a_ids)] for p in pieces]
+        nll = target_nll(self.lm, prompts, a_ids, threads=self.settings.threads, kernels=self.settings.kernels)
+        return float(nll.min()), len(pieces)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,7 +315,7 @@ def run_eval(
     nll: bool = True,
     query_aware: bool = True,
     model: str | None = None,
-    nll_max_tokens: int = 2048,
+    nll_window: int | None = None,
     progress=None,
     settings: Settings | None = None,
     **options,
@@ -329,10 +337,11 @@ def run_eval(
     tok = get_tokenizer(tokenizer, settings)
     items = _items(docs, questions)
     mode = "qa" if questions is not None else "coverage"
-    scorer = AnswerScorer(model, nll_max_tokens, settings) if (nll and mode == "qa") else None
+    scorer = AnswerScorer(model, nll_window, settings) if (nll and mode == "qa") else None
     res = EvalResult(list(methods), list(budgets), tok.name, mode,
                      model=str(scorer.lm.source) if scorer else None,
-                     settings={"query_aware": query_aware, "nll": bool(scorer), "nll_max_tokens": nll_max_tokens})
+                     settings={"query_aware": query_aware, "nll": bool(scorer),
+                               "nll_window": scorer.window if scorer else None})
     per_doc = [max(1, len(qs)) if (mode == "qa" and query_aware) else 1 for _, _, qs in items]
     jobs = sum(per_doc) * len(methods) * len(budgets)
     done = 0
@@ -343,7 +352,7 @@ def run_eval(
         if progress:
             progress(done, jobs, what)
 
-    full_nll: dict[tuple[str, str], tuple[float, bool]] = {}
+    full_nll: dict[tuple[str, str], tuple[float, int]] = {}
     for name, text, qs in items:
         n_in = tok.count(text)
         if mode == "qa" and not qs:
@@ -369,7 +378,7 @@ def run_eval(
                         key = (name, q.id)
                         if key not in full_nll:
                             full_nll[key] = scorer.nll(text, q.question, answer)
-                        row.nll_full, row.nll_truncated = full_nll[key]
+                        row.nll_full, row.nll_windows = full_nll[key]
                         row.nll, _ = scorer.nll(r.text, q.question, answer)
                     res.rows.append(row)
                     if query_aware:
@@ -398,6 +407,9 @@ def summary_rows(res: EvalResult) -> tuple[list[str], list[list[str]]]:
                  f"{_fmt(d['retention'], True)} ({d['answerable']})", _fmt(d["nll"]), _fmt(d["nll_full"]),
                  ("+" if (d["nll_delta"] or 0) >= 0 else "") + _fmt(d["nll_delta"]), f"{d['seconds']:.2f}"]
                 for d in res.summary()]
+        if not res.settings.get("nll"):  # not measured: no columns of dashes
+            keep = [i for i, h in enumerate(head) if "NLL" not in h]
+            head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
     else:
         head = ["method", "budget", "ratio", "tokens", "numbers", "entities", "words", "s/doc"]
         rows = [[d["method"], d["budget"], f"{d['ratio']:.1f}x", f"{d['output_tokens']:.0f}", _fmt(d["numbers"], True),
@@ -406,52 +418,67 @@ def summary_rows(res: EvalResult) -> tuple[list[str], list[list[str]]]:
 
 
 def plot(res: EvalResult, out: OutputTree) -> list[str]:
-    """PNG plots, one line per method over the budgets (in the order given)."""
+    """PNG plots: one line per method against the compression ratio it achieved (log scale, so 1.4x and 10x are
+    where they belong), each point labelled with its budget; distinct markers and dashes keep overlapping methods
+    visible, and the title gives n. No NLL plot when the NLL was not measured."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summ = res.summary()
-    xs = list(range(len(res.budgets)))
     if res.mode == "qa":
-        panels = [("retention", "answer kept", True, "retention.png"),
-                  ("nll", "answer NLL (nats/token)", False, "nll.png")]
+        panels = [("retention", "answer kept", True, "retention.png")]
+        if res.settings.get("nll"):
+            panels.append(("nll", "answer NLL (nats/token)", False, "nll.png"))
     else:
         panels = [("numbers", "numbers kept", True, "coverage_numbers.png"),
                   ("entities", "named entities kept", True, "coverage_entities.png"),
                   ("words", "content words kept", True, "coverage_words.png")]
+    n_docs = len({r.doc for r in res.rows})
+    n_q = len({(r.doc, r.qid) for r in res.rows}) if res.mode == "qa" else 0
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":")]
     files = []
     for key, label, pct, fname in panels:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        fig, ax = plt.subplots(figsize=(6.8, 4.2), dpi=110)
         drew = False
-        for m in res.methods:
-            ys = []
+        for i, m in enumerate(res.methods):
+            pts = []
             for b in res.budgets:
                 d = next((s for s in summ if s["method"] == m and s["budget"] == b), None)
                 v = d.get(key) if d else None
-                ys.append(float("nan") if v is None else (100 * v if pct else v))
-            if any(not math.isnan(y) for y in ys):
-                ax.plot(xs, ys, marker="o", label=m)
-                drew = True
+                if v is not None and d.get("ratio"):
+                    pts.append((d["ratio"], 100 * v if pct else v, b, d.get("answerable", d["n"])))
+            if not pts:
+                continue
+            pts.sort()
+            marker, dash = styles[i % len(styles)]
+            n = pts[0][3] if key == "retention" else None
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=dash, alpha=0.85,
+                    markersize=7 - (i % 3), label=m + (f" (n={n})" if n is not None else ""))
+            for x, y, b, _ in pts:
+                ax.annotate(b, (x, y), textcoords="offset points", xytext=(4, 4 + 7 * (i % 3)), fontsize=7,
+                            alpha=0.8)
+            drew = True
         if key == "nll":
             full = _mean([s.get("nll_full") for s in summ])
             if full is not None:
-                ax.axhline(full, color="gray", linestyle="--", label="full context")
+                ax.axhline(full, color="gray", linestyle="--", label="full document")
+                drew = True
         if key == "retention":
             ax.set_ylim(-3, 103)
-        ax.set_xticks(xs, res.budgets)
-        ax.set_xlabel("budget")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio achieved (input tokens / output tokens, log scale)")
         ax.set_ylabel(label + (" (%)" if pct else ""))
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
         if drew:
-            ax.legend()
-        ax.set_title({"retention": "Answer still in the compressed text (answerable questions)",
-                      "nll": "Answer NLL given compressed context + question (lower is better)"}.get(key, label),
-                     fontsize=10)
+            ax.legend(fontsize=8)
+        what = {"retention": "Answer still in the compressed text",
+                "nll": "Answer NLL given compressed context + question (lower is better)"}.get(key, label)
+        ax.set_title(f"{what}\n{n_docs} document(s)" + (f", {n_q} question(s)" if n_q else ""), fontsize=10)
         fig.tight_layout()
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
@@ -513,15 +540,25 @@ def write_report(res: EvalResult, out_dir: str | Path, inputs: list[str | Path] 
     if res.mode == "qa":
         md += ["**answer kept**: share of the questions whose answer occurs in the full document that still find it "
                "(verbatim, case-insensitive) in the compressed one; the count of such questions in brackets. "
-               "Abstractive methods paraphrase, so this undercounts what they keep.",
-               "**NLL**: mean negative log-likelihood per answer token given compressed context + question "
-               "(**NLL full**: given the full document); **ΔNLL** > 0 means the compressed context makes the answer "
-               "less likely.", ""]
-        trunc = sum(1 for r in res.rows if r.nll_truncated)
-        if trunc:
-            md += [f"> {trunc} row(s) had a full context longer than {res.settings.get('nll_max_tokens')} model "
-                   "tokens: NLL full was measured on its head only.", ""]
-        md += ["![answer retention](retention.png)", "", "![answer NLL](nll.png)", ""] if not plot_note else []
+               "Abstractive methods paraphrase, so this undercounts what they keep.", ""]
+        if res.settings.get("nll"):
+            md += ["**NLL**: mean negative log-likelihood per answer token given compressed context + question "
+                   "(**NLL full**: given the full document); **ΔNLL** > 0 means the compressed context makes the "
+                   "answer less likely.", ""]
+            windowed = [r for r in res.rows if r.nll_windows > 1]
+            w = res.settings.get("nll_window")
+            if windowed:
+                docs = len({r.doc for r in windowed})
+                md += [f"> NLL full: {docs} document(s) exceed the scoring window of {w:,} model tokens; for those, "
+                       f"NLL full is the best of {max(r.nll_windows for r in windowed)} half-overlapping windows "
+                       "that together cover the whole document (the answer given the part that best supports it).",
+                       ""]
+            else:
+                md += [f"> NLL full is the answer given the whole document (every document fit the scoring window "
+                       f"of {w:,} model tokens).", ""]
+            md += ["![answer retention](retention.png)", "", "![answer NLL](nll.png)", ""] if not plot_note else []
+        else:
+            md += ["![answer retention](retention.png)", ""] if not plot_note else []
     else:
         md += ["Coverage without questions: share of the document's distinct numbers, capitalised names and content "
                "words that are still in the compressed text.", ""]
@@ -529,13 +566,15 @@ def write_report(res: EvalResult, out_dir: str | Path, inputs: list[str | Path] 
         md.append("")
     md.append(plot_note)
     if res.mode == "qa":
-        md += ["## Per question", "", "| method | budget | doc | question | answer | kept | NLL | NLL full |",
-               "|---|---|---|---|---|---|---|---|"]
+        nll = bool(res.settings.get("nll"))
+        md += ["## Per question", "", "| method | budget | doc | question | answer | kept |" +
+               (" NLL | NLL full |" if nll else ""), "|---|---|---|---|---|---|" + ("---|---|" if nll else "")]
         for r in res.rows[:500]:
             q = r.question.replace("|", "\\|")[:80]
             a = r.answer.replace("|", "\\|")[:40]
             md.append(f"| {r.method} | {r.budget} | {r.doc} | {q} | {a} | "
-                      f"{'yes' if r.kept else ('no' if r.in_full else 'n/a')} | {_fmt(r.nll)} | {_fmt(r.nll_full)} |")
+                      f"{'yes' if r.kept else ('no' if r.in_full else 'n/a')} |" +
+                      (f" {_fmt(r.nll)} | {_fmt(r.nll_full)} |" if nll else ""))
         if len(res.rows) > 500:
             md.append(f"\n({len(res.rows) - 500} more rows in results.json)")
     tree.write_text("report.md", "\n".join(md) + "\n")

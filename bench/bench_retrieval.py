@@ -99,7 +99,7 @@ def main() -> None:
     idx = Index.open(index_dir)
     info = idx.info()
     print(f"\n## index: {info['files']} files, {info['chunks']:,} chunks, {info['tokens']:,} tokens, "
-          f"{info['faiss']}, {info['size_bytes'] / 2**20:.1f} MiB on disk")
+          f"{info['faiss']}, {info['bytes'] / 2**20:.1f} MiB on disk")
     print("| build | wall s | chunks/s (wall) | tokens/s (wall) | CPU s (all threads) | tokens per CPU-s |")
     print("|---|---:|---:|---:|---:|---:|")
     if rep.embedded_chunks:

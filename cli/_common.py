@@ -6,7 +6,6 @@ import functools
 import os
 import re
 import sys
-from enum import Enum
 
 import typer
 
@@ -136,31 +135,91 @@ def parse_options(pairs: list[str] | None, **aliases) -> dict:
     return out
 
 
-class progress_bar:
-    """A context manager giving the library a progress callback `(done, total, what)` that draws a bar on stderr
-    when stderr is a terminal (and `enabled`), and does nothing otherwise. Only the CLI draws bars."""
+class activity:
+    """A context manager giving the library a progress callback `(done, total, what)`: on a terminal (and when
+    `enabled`), a spinner on stderr with what is happening and, once a total is known, a bar; nothing otherwise
+    (stdout stays clean for pipes; stderr stays quiet when it is not a terminal). Only the CLI draws."""
 
     def __init__(self, enabled: bool = True, label: str = ""):
         self.enabled = enabled and sys.stderr.isatty()
         self.label, self.bar, self.task = label, None, None
 
     def __enter__(self):
-        return self if self.enabled else None
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
+            TimeElapsedColumn
 
-    def __call__(self, done: int, total: int, what: str = "") -> None:
-        if self.bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err_console(), transient=True)
+        self.task = self.bar.add_task(printable(self.label), total=None)
+        self.bar.start()
+        return self
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=err_console(), transient=True)
-            self.task = self.bar.add_task(self.label, total=total)
-            self.bar.start()
-        self.bar.update(self.task, completed=done, total=total,
-                        description=printable(f"{self.label} {what}".strip())[:60])
+    def __call__(self, done: int, total: int | None, what: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total or None,
+                            description=printable(f"{self.label}: {what}" if what else self.label)[:70])
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Take the spinner off the terminal now (before text goes to stdout on the same terminal); idempotent."""
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
+
+
+def rounded(seconds: float) -> float:
+    """Seconds in the JSON vocabulary: rounded to the millisecond."""
+    return round(float(seconds), 3)
+
+
+def iso(ts: float | None) -> str | None:
+    """A Unix time in the JSON vocabulary: ISO-8601 in UTC, to the second (`2026-11-29T14:03:07Z`)."""
+    if not ts:
+        return None
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def read_null_paths(stream=None) -> list[str]:
+    """Paths from stdin separated by NUL bytes (`find -print0`, `git ls-files -z`, `fd -0`)."""
+    from ..errors import InputError
+
+    stream = stream if stream is not None else sys.stdin
+    if stream is None or (hasattr(stream, "isatty") and stream.isatty()):
+        raise InputError("-0/--null reads NUL-separated paths from stdin, but nothing is piped",
+                         "e.g. find docs -name '*.md' -print0 | ctxc count -0")
+    raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+    raw = raw.encode("utf-8") if isinstance(raw, str) else raw
+    paths = [os.fsdecode(p) for p in raw.split(b"\0") if p.strip(b"\n")]
+    if not paths:
+        raise InputError("-0/--null: no paths on stdin", "e.g. git ls-files -z | ctxc count -0")
+    return paths
+
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def input_paths(paths: list[str] | None, null: bool) -> list[str] | None:
+    """Paths from arguments, or from NUL-separated stdin with -0; None means 'read the text from stdin'. A URL is
+    refused with the fix (ctxc reads files; it never fetches)."""
+    from ..errors import InputError
+
+    if null:
+        if paths and paths != ["-"]:
+            raise InputError("-0/--null takes the paths from stdin, not from arguments",
+                             "drop the path arguments or the -0")
+        paths = read_null_paths()
+    elif not paths or paths == ["-"]:
+        return None
+    for p in paths:
+        if _URL.match(p):
+            raise InputError(f"{p} is a URL, and ctxc only reads files", f"download it first, e.g. curl -LO '{p}'")
+    return paths
 
 
 def stdin_or_path(path: str | None) -> str | None:
@@ -168,13 +227,6 @@ def stdin_or_path(path: str | None) -> str | None:
     if path is None or path == "-":
         return None
     return path
-
-
-class Format(str, Enum):
-    """Output formats shared by the commands that print one result (compress adds jsonl)."""
-
-    text = "text"
-    json = "json"
 
 
 def human_bytes(n: float) -> str:

@@ -9,8 +9,25 @@ import typer
 
 from ..version import __version__
 
+# Plain help prints an argument's Python type after its name (`PATH <list[str]>`); every argument names itself with a
+# metavar that says what it is, so the type tag only adds noise.
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
+
+# `ctxc --help` lists commands in the order a user meets them, not in import order; commands added later (and not
+# named here) follow in the order they register.
+ORDER = ("compress", "count", "pack", "retrieve", "index", "batch", "eval", "ask", "cache", "serve", "mcp", "methods",
+         "config")
+
+
+class _Ordered(typer.core.TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), names.index(n)))
+
+
 app = typer.Typer(
     name="ctxc",
+    cls=_Ordered,
     help="Compress and manage long prompts and contexts for LLMs.\n\n"
     "\b\nExamples:\n"
     "  ctxc compress report.txt --budget 4k --query 'What changed in 2019?' | llm\n"
@@ -36,9 +53,9 @@ def _version(value: bool):
 @app.callback()
 def _global(
     ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Option("--model", help="Local LM: HF directory or .gguf file (env CTXC_MODEL).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (env CTXC_DEVICE).")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, bf16, fp16 or fp32 (env CTXC_DTYPE).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="PATH", help="Local LM: HF directory or .gguf file (env CTXC_MODEL).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda (env CTXC_DEVICE).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="auto, bf16, fp16 or fp32 (env CTXC_DTYPE).")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ):
     """Global options apply to every command that loads a model.

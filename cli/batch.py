@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from enum import Enum
 from typing import Annotated, Optional
@@ -10,14 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
-from ._common import die, err_console, handle_errors, parse_options, settings_of
+from . import options as opt
+from ._common import die, dumps, emit_json, err_console, handle_errors, parse_options, settings_of
+from .options import Format
 from ..terminal import printable
-
-
-class BatchFormat(str, Enum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
 
 
 class Engine(str, Enum):
@@ -25,29 +20,29 @@ class Engine(str, Enum):
     ray = "ray"
 
 
-@app.command()
+@app.command(short_help="Compress a whole folder tree into a mirror tree (resumable, parallel, Ray).")
 @handle_errors
 def batch(
     ctx: typer.Context,
-    in_dir: Annotated[str, typer.Argument(help="Directory to compress (never written to).")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Output directory (mirrors IN_DIR; must not overlap it).")],
-    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Per file: 4k, 4096, 25% or x4 (default from config, else x4).")] = None,
-    query: Annotated[Optional[str], typer.Option("--query", "-q", help="Question every output must answer.")] = None,
-    queries: Annotated[Optional[str], typer.Option("--queries", help='JSONL of {"path": REL, "query": Q}: per-file queries (others use --query).')] = None,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method or pipeline; default: config, else extractive (code for source files).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="cl100k (default), model or hf:PATH.")] = None,
-    include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Only paths matching this glob (repeatable; '*.md', 'docs/*').")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Skip paths matching this glob (repeatable; a bare name skips that folder anywhere).")] = None,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Worker processes (Ray: actors); each loads the model once.")] = None,
-    engine: Annotated[Optional[Engine], typer.Option("--engine", help="local processes or a ray cluster.")] = None,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join, e.g. 10.0.0.5:6379 or ray://head:10001 (default: start a local one).")] = None,
-    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8); outputs are UTF-8.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="truncate: head, tail or head+tail.")] = None,
-    mark_gaps: Annotated[bool, typer.Option("--mark-gaps", help="Put … on its own line where text was cut.")] = False,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", metavar="KEY=VALUE", help="A method option (repeatable), checked against the method's options: see `ctxc methods`.")] = None,
+    in_dir: Annotated[str, typer.Argument(metavar="IN_DIR", help="Folder to compress (never written to).")],
+    out_dir: Annotated[str, typer.Option("--output", "-o", metavar="OUT_DIR", help="Output folder (mirrors IN_DIR; must not overlap it).")],
+    budget: opt.Budget = None,
+    query: opt.Query = None,
+    queries: Annotated[Optional[str], typer.Option("--queries", metavar="FILE", help='JSONL of {"path": REL, "query": Q}: per-file queries (others use --query).')] = None,
+    method: opt.Method = None,
+    tokenizer: opt.Tokenizer = None,
+    include: opt.Include = None,
+    exclude: opt.Exclude = None,
+    option: opt.MethodOption = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, metavar="N", help="Worker processes (Ray: actors); each loads the model once.")] = None,
+    engine: Annotated[Optional[Engine], typer.Option("--engine", help="local processes, or Ray (a private local instance, or the cluster given by --address).")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", metavar="HOST:PORT", help="Ray cluster to join, e.g. 10.0.0.5:6379 or ray://head:10001 (default: a private local instance).")] = None,
+    encoding: opt.Encoding = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", metavar="MODE", help="truncate: head, tail or head+tail (-O mode=...).")] = None,
+    mark_gaps: Annotated[bool, typer.Option("--mark-gaps", help="Put … on its own line where text was cut (-O mark_gaps=true).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo every file, ignoring manifest.jsonl.")] = False,
-    fmt: Annotated[BatchFormat, typer.Option("--format", "-f", help="text: summary table on stderr; json: summary on stdout; jsonl: one line per file on stdout.")] = BatchFormat.text,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="text: summary table on stderr; json: the summary on stdout; jsonl: one line per file on stdout.")] = Format.text,
+    progress: opt.Progress = True,
 ):
     """Compress every text file under IN_DIR into the same path under OUT_DIR.
 
@@ -75,7 +70,7 @@ def batch(
     eng, n_jobs = config.engine, config.jobs
     console = err_console()
     bar = task = None
-    if progress:
+    if progress and sys.stderr.isatty():
         from rich.progress import (
             BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
         )
@@ -94,8 +89,8 @@ def batch(
             console.print(f"{n_unchanged} file(s) already handled by an earlier run (manifest.jsonl): not redone")
 
     def on_result(r) -> None:
-        if fmt is BatchFormat.jsonl:
-            sys.stdout.write(r.manifest_line() + "\n")
+        if fmt is Format.jsonl:
+            sys.stdout.write(dumps(r.to_json()) + "\n")
             sys.stdout.flush()
         if r.status == "unchanged":
             return
@@ -110,8 +105,8 @@ def batch(
     finally:
         if bar is not None and task is not None:  # stopping a bar that never started would print a blank line
             bar.stop()
-    if fmt is BatchFormat.json:
-        typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
+    if fmt is Format.json:
+        emit_json(summary.to_json())
     _print_summary(console, summary)
     for rel in summary.unmatched_queries[:5]:
         console.print(printable(f"warning: --queries names {rel!r}, which is not among the files to compress"),
@@ -134,8 +129,8 @@ def _print_summary(console, s) -> None:
     t.add_row(f"{s.skipped:,}", "skipped" + (f" ({reasons})" if reasons else ""))
     t.add_row(f"{s.failed:,}", "failed")
     t.add_section()
-    t.add_row(f"{s.tokens_in:,}", "tokens in")
-    t.add_row(f"{s.tokens_out:,}", f"tokens out (ratio {s.ratio:.2f}x)")
+    t.add_row(f"{s.input_tokens:,}", "tokens in")
+    t.add_row(f"{s.output_tokens:,}", f"tokens out (ratio {s.ratio:.2f}x)")
     t.add_row(f"{s.seconds:.1f}s", Text(printable(f"{s.engine}, {s.workers} worker(s) -> {s.out_dir}")))
     console.print(t)
     for rel, reason in s.failures[:5]:

@@ -10,8 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import options as o
 from .app import app
-from ._common import Format, dumps, emit_json, err_console, handle_errors, human_bytes, settings_of
+from ._common import activity, dumps, emit_json, err_console, handle_errors, human_bytes, input_paths, iso, \
+    rounded, settings_of
 
 cache_app = typer.Typer(
     name="cache",
@@ -48,120 +50,146 @@ def _age(ts: float | None) -> str:
 @handle_errors
 def build_cmd(
     ctx: typer.Context,
-    path: Annotated[str, typer.Argument(help="Text file, or a directory (one cartridge per text file).")],
-    evict: Annotated[str, typer.Option("--evict", help="none, or snapkv:RATIO (fraction of KV entries removed).")] = "none",
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATH", show_default=False, help="Text files, or folders (one cartridge per text file inside).")] = None,
+    evict: Annotated[str, typer.Option("--evict", metavar="POLICY", help="none, or snapkv:RATIO (fraction of KV entries removed).")] = "none",
     quant: Annotated[Quant, typer.Option("--quant", help="Store keys/values as is, or group-wise int8 / int4.")] = Quant.none,
-    name: Annotated[Optional[str], typer.Option("--name", help="Label for `ctxc ask NAME` (default: the file name).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Local LM (same as the global --model).")] = None,
-    window: Annotated[int, typer.Option("--window", help="SnapKV observation window (last tokens that vote).")] = 64,
-    group_size: Annotated[int, typer.Option("--group-size", help="Values per quantization scale/zero pair.")] = 64,
-    key_axis: Annotated[KeyAxis, typer.Option("--key-axis", help="Quantize keys per channel over tokens (KIVI) or per token.")] = None,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Prefill chunk length in tokens.")] = 2048,
-    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding (default utf-8).")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="text (ids on stdout) or json (one object per line).")] = Format.text,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
+    name: Annotated[Optional[str], typer.Option("--name", metavar="NAME", help="Label for `ctxc ask --name NAME` (default: the file name; one file only).")] = None,
+    model: o.Model = None,
+    window: Annotated[int, typer.Option("--window", min=1, metavar="TOKENS", help="SnapKV observation window (last tokens that vote).")] = 64,
+    group_size: Annotated[int, typer.Option("--group-size", min=1, metavar="N", help="Values per quantization scale/zero pair.")] = 64,
+    key_axis: Annotated[KeyAxis, typer.Option("--key-axis", help="Quantize keys per channel over tokens (KIVI) or per token.")] = KeyAxis.channel,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=16, metavar="TOKENS", help="Prefill chunk length in tokens.")] = 2048,
+    null: o.Null = False,
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    encoding: o.Encoding = None,
+    fmt: o.OutputFormat = o.Format.text,
+    progress: o.Progress = True,
 ):
-    """Prefill a document once and store its KV cache as a cartridge; prints the cartridge id.
+    """Prefill documents once and store each KV cache as a cartridge; prints the cartridge ids.
 
     Building the same document with the same model and settings again reuses the first cartridge.
+    With --format json: a list, one object per document (see README, JSON output).
 
+    \b
     Examples:
       ctxc cache build report.txt
       ctxc cache build report.txt --evict snapkv:0.5 --quant int4 --name report-small
-      ctxc cache build docs/ --quant int8
+      ctxc cache build docs/ -i '*.md' --quant int8 -f jsonl
     """
     from ..cache_store.cartridge import build
     from ..cache_store.engine import CartridgeSettings, document_ids
-    from ..cache_store.store import CartridgeStore
+    from ..cache_store.store import CartridgeStore, Entry
     from ..errors import InputError
     from ..lm import load_model
     from ..terminal import printable
     from ..textio import read_text
     from ..walk import walk
 
-    settings = settings_of(ctx, model=model, encoding=encoding)
-    encoding = settings.encoding
-    key_axis = key_axis or KeyAxis.channel
-    CartridgeSettings.parse(evict, quant.value, window=window, group_size=group_size, key_axis=key_axis.value)  # bad options fail before the model loads
-    root = Path(path)
-    if not root.exists():
-        raise InputError(f"{path} does not exist", "pass a text file or a directory of text files")
-    explicit = not root.is_dir()
-    found = walk([root])
-    if not found.files:
-        raise InputError(f"{path} holds no files", "pass a text file or a directory of text files")
+    settings = settings_of(ctx, model=model, encoding=encoding, include=include or None, exclude=exclude or None)
+    # bad options fail before the model loads
+    CartridgeSettings.parse(evict, quant.value, window=window, group_size=group_size, key_axis=key_axis.value)
+    files = input_paths(paths, null)
+    if files is None:
+        raise InputError("cache build needs files (a cartridge is found again by its file)",
+                         "ctxc cache build report.txt, or docs/ for every text file in a folder")
+    for f in files:
+        if not Path(f).exists():
+            raise InputError(f"{f} does not exist", "pass text files or folders of text files")
+    found = walk(files, list(settings.include), list(settings.exclude))
     docs: list[tuple[Path, str, str]] = []  # path, label, text
-    skipped: list[str] = [f"{p}: {why}" for p, why in found.skipped]
+    skipped = [{"path": p, "reason": why} for p, why in found.skipped]
     for f in found.files:
         try:
-            docs.append((f.path, f.rel, read_text(f.path, encoding)))
+            docs.append((f.path, f.path.name if f.explicit else f.rel, read_text(f.path, settings.encoding)))
         except InputError as err:
-            if explicit:
+            if f.explicit:
                 raise
-            skipped.append(f"{f.path}: {err.message}")
+            skipped.append({"path": f.shown, "reason": err.message})
     if not docs:
-        raise InputError(f"no text files in {path}", "; ".join(skipped[:3]))
-    lm = load_model(settings=settings)
-    store = CartridgeStore(settings=settings)
+        why = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        raise InputError(f"no text files in {' '.join(files)}" + (f" ({why})" if why else ""),
+                         "pass text files or folders of text files")
+    if name and len(docs) > 1:
+        raise InputError("--name labels one cartridge, but several documents were given", "drop --name")
     console = err_console()
-    counts = [len(document_ids(lm, t)[0]) for _, _, t in docs]
-    results = []
-    show = progress and (len(docs) > 1 or counts[0] > 2 * chunk_size)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    records = []
+    with activity(progress, "loading the model") as bar:
+        lm = load_model(settings=settings)
+        store = CartridgeStore(settings=settings)
+        counts = [len(document_ids(lm, t)[0]) for _, _, t in docs]
+        total, done = sum(counts), 0
+        for (f, label, text), n in zip(docs, counts):
+            label = name or printable(label)[:256]  # shown in listings: controls escaped, length bounded
+            start = done
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True, disable=not show)
-    with bar:
-        task = bar.add_task("prefill", total=sum(counts))
-        for (f, rel, text), n in zip(docs, counts):
-            bar.update(task, description=printable(f.name[:32]))
-            # A label made from a file name is shown in listings: control characters escaped, length bounded.
-            label = name if (explicit and name) else printable(f.name if explicit else rel)[:256]
-            done = {"n": 0}
-
-            def step(k: int) -> None:
-                done["n"] += k
-                bar.advance(task, k)
+            def step(k: int, _f=f) -> None:
+                nonlocal done
+                done += k
+                if bar:
+                    bar(done, total, f"prefill {_f.name}")
 
             r = build(text, lm=lm, evict=evict, quant=quant.value, name=label, source=f, store=store,
                       chunk_size=chunk_size, window=window, group_size=group_size, progress=step,
                       key_axis=key_axis.value, settings=settings)
-            if done["n"] < n:
-                bar.advance(task, n - done["n"])
-            results.append((f, r))
-            m = r.manifest
-            line = {"id": r.id, "name": m.get("name"), "path": str(r.path), "doc": str(f), "tokens": m["tokens"],
-                    "kept_tokens": m["kept_tokens"], "bytes": m["files"]["kv.safetensors"]["bytes"],
-                    "settings": m.get("settings_label"), "reused": r.reused, "seconds": round(r.seconds, 3)}
-            if fmt is Format.json:
-                sys.stdout.write(dumps(line) + "\n")
-            else:
-                sys.stdout.write(r.id + "\n")
+            done = start + n
+            rec = _record(r.manifest, r.path, str(f), bytes=Entry(r.id, r.path, None).bytes, reused=r.reused,
+                          seconds=r.seconds)
+            records.append(rec)
+            if fmt is o.Format.jsonl:
+                emit_json(rec)
+            elif fmt is o.Format.text:
+                typer.echo(r.id)
             sys.stdout.flush()
             for note in r.notes:
                 console.print(f"ctxc: note: {printable(note)}", markup=False)
             verb = "reused" if r.reused else f"built in {r.seconds:.1f} s"
-            console.print(f"{r.id[:12]} {printable(m.get('name') or '-')}: {m['kept_tokens']:,}/{m['tokens']:,} "
-                          f"tokens, {human_bytes(line['bytes'])}, {m.get('settings_label')} ({verb})", markup=False)
+            console.print(f"{r.id[:12]} {printable(rec['name'] or '-')}: {rec['kept_tokens']:,}/{rec['tokens']:,} "
+                          f"tokens, {human_bytes(rec['bytes'])}, {rec['settings']} ({verb})", markup=False)
+    if fmt is o.Format.json:
+        emit_json(records)
     if skipped:
-        console.print(printable(f"skipped {len(skipped)} file(s): " + "; ".join(skipped[:5])), markup=False)
+        shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+        console.print(printable(f"skipped {len(skipped)} file(s): {shown}"), markup=False)
+
+
+def _record(m: dict | None, path: Path, document: str | None, **extra) -> dict:
+    """A cartridge in the JSON vocabulary (README, JSON output): `tokens` are the local model's tokens (hence
+    `tokenizer: "model"`), times are ISO-8601, `path` is the cartridge's folder, `bytes` its size on disk and
+    `document` the file it was built from."""
+    m = m or {}
+    doc = m.get("document") or {}
+    rec = {"id": m.get("id") or Path(path).name, "name": m.get("name"), "path": str(path),
+           "document": document if document is not None else doc.get("path"), "sha256": doc.get("sha256"),
+           "tokens": m.get("tokens"), "kept_tokens": m.get("kept_tokens"), "tokenizer": "model",
+           "bytes": None,
+           "settings": m.get("settings_label"), "model": (m.get("model") or {}).get("fingerprint"),
+           "created": iso(m.get("created"))}
+    for k, v in extra.items():
+        rec[k] = rounded(v) if k == "seconds" else (iso(v) if k == "last_used" else v)
+    return rec
 
 
 @cache_app.command("ls")
 @handle_errors
 def ls_cmd(
     ctx: typer.Context,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="text (table) or json (list of objects).")] = Format.text,
+    fmt: o.OutputFormat = o.Format.text,
 ):
-    """List cartridges, most recently used first."""
+    """List cartridges, most recently used first (json: a list; jsonl: one object per cartridge)."""
     from ..cache_store.store import CartridgeStore
 
     store = CartridgeStore(settings=settings_of(ctx))
     entries = sorted(store.entries(), key=lambda e: -e.last_used)
     rows = [e.summary() for e in entries]
-    if fmt is Format.json:
-        emit_json(rows)
+    if fmt is not o.Format.text:
+        recs = [_record(e.manifest, e.path, None, bytes=e.bytes, last_used=e.last_used, imported=e.imported,
+                        error=e.error) for e in entries]
+        if fmt is o.Format.json:
+            emit_json(recs)
+        else:
+            for r in recs:
+                emit_json(r)
         return
     if not rows:
         err_console().print(f"no cartridges in {store.root} (build one with `ctxc cache build FILE`)")
@@ -196,7 +224,7 @@ def ls_cmd(
 @handle_errors
 def show_cmd(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="Cartridge id, unique id prefix or name.")],
+    ref: Annotated[str, typer.Argument(metavar="CARTRIDGE", help="Cartridge id, unique id prefix or name.")],
     tensors: Annotated[bool, typer.Option("--tensors", help="Include every tensor's shape, dtype and sha256.")] = False,
 ):
     """Print a cartridge's manifest (JSON)."""
@@ -209,6 +237,8 @@ def show_cmd(
         m["tensor_count"] = len(store.manifest(ref)["tensors"])
     m["path"] = str(store.path(m["id"]))
     m["imported_from"] = (store.origin(m["id"]) or {}).get("from")
+    m["created"] = iso(m.get("created"))  # the JSON vocabulary's timestamps; the manifest on disk keeps Unix time
+    m["tokenizer"] = "model"
     emit_json(m, indent=1)
 
 
@@ -216,7 +246,7 @@ def show_cmd(
 @handle_errors
 def rm_cmd(
     ctx: typer.Context,
-    refs: Annotated[list[str], typer.Argument(help="Cartridge ids, unique id prefixes or names.")],
+    refs: Annotated[list[str], typer.Argument(metavar="CARTRIDGE", help="Cartridge ids, unique id prefixes or names.")],
 ):
     """Delete cartridges."""
     from ..cache_store.store import CartridgeStore
@@ -232,23 +262,31 @@ def rm_cmd(
 @handle_errors
 def verify_cmd(
     ctx: typer.Context,
-    ref: Annotated[Optional[str], typer.Argument(help="One cartridge (default: all).")] = None,
+    ref: Annotated[Optional[str], typer.Argument(metavar="CARTRIDGE", help="One cartridge: id, unique id prefix or name (default: all).")] = None,
+    fmt: o.OutputFormat = o.Format.text,
 ):
-    """Check manifests, file sizes and sha256 checksums; exit 1 if any cartridge is damaged."""
+    """Check manifests, file sizes and sha256 checksums; exit 1 if any cartridge is damaged.
+
+    Text: `ok ID` or `DAMAGED ID REASON` per line; json/jsonl: {"id", "ok", "error", "imported"} per cartridge.
+    """
     from ..cache_store.store import CartridgeStore
 
     from ..terminal import printable
 
     store = CartridgeStore(settings=settings_of(ctx))
-    results = store.verify(ref)
-    bad = 0
-    for cid, problem in results:
-        if problem:
-            bad += 1
-            typer.echo(f"DAMAGED {cid} {printable(problem)}")
-        else:
-            typer.echo(f"ok {cid}" + (" (imported; not yet checked against its document)" if store.origin(cid)
-                                      else ""))
+    results = [{"id": cid, "ok": problem is None, "error": problem, "imported": store.origin(cid) is not None}
+               for cid, problem in store.verify(ref)]
+    if fmt is o.Format.json:
+        emit_json(results)
+    for r in results:
+        if fmt is o.Format.jsonl:
+            emit_json(r)
+        elif fmt is o.Format.text and r["ok"]:
+            typer.echo(f"ok {r['id']}" + (" (imported; not yet checked against its document)" if r["imported"]
+                                          else ""))
+        elif fmt is o.Format.text:
+            typer.echo(f"DAMAGED {r['id']} {printable(r['error'])}")
+    bad = sum(not r["ok"] for r in results)
     if bad:
         err_console().print(f"{bad} of {len(results)} cartridges are damaged (remove them with `ctxc cache rm ID`)")
         raise typer.Exit(1)
@@ -258,17 +296,26 @@ def verify_cmd(
 @handle_errors
 def gc_cmd(
     ctx: typer.Context,
-    max_size: Annotated[str, typer.Option("--max-size", help="Keep the store under this size, e.g. 2G or 500M.")],
+    max_size: Annotated[str, typer.Option("--max-size", metavar="SIZE", help="Keep the store under this size, e.g. 2G or 500M.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would be removed.")] = False,
+    fmt: o.OutputFormat = o.Format.text,
 ):
-    """Remove least recently used cartridges (damaged ones first) until the store fits --max-size."""
+    """Remove least recently used cartridges (damaged ones first) until the store fits --max-size.
+
+    json: {"removed": [ids], "dry_run", "bytes" (left), "limit_bytes"}; jsonl: {"id", "removed"} per cartridge.
+    """
     from ..budget import parse_size
     from ..cache_store.store import CartridgeStore
 
     limit = parse_size(max_size)
     removed, left = CartridgeStore(settings=settings_of(ctx)).gc(limit, dry_run=dry_run)
+    if fmt is o.Format.json:
+        emit_json({"removed": removed, "dry_run": dry_run, "bytes": left, "limit_bytes": limit})
     for cid in removed:
-        typer.echo(("would remove " if dry_run else "removed ") + cid)
+        if fmt is o.Format.jsonl:
+            emit_json({"id": cid, "removed": not dry_run})
+        elif fmt is o.Format.text:
+            typer.echo(("would remove " if dry_run else "removed ") + cid)
     err_console().print(f"{len(removed)} cartridge(s) {'to remove' if dry_run else 'removed'}; "
                         f"{human_bytes(left)} {'would be' if dry_run else 'is'} left (limit {human_bytes(limit)})")
 
@@ -277,8 +324,8 @@ def gc_cmd(
 @handle_errors
 def export_cmd(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="Cartridge id, unique id prefix or name.")],
-    out: Annotated[str, typer.Option("--output", "-o", help="Tar file to write.")],
+    ref: Annotated[str, typer.Argument(metavar="CARTRIDGE", help="Cartridge id, unique id prefix or name.")],
+    out: Annotated[str, typer.Option("--output", "-o", metavar="FILE.tar", help="Tar file to write.")],
 ):
     """Write a cartridge (manifest + tensors) to a tar file, after checking its checksums."""
     from ..cache_store.store import CartridgeStore
@@ -291,7 +338,7 @@ def export_cmd(
 @handle_errors
 def import_cmd(
     ctx: typer.Context,
-    path: Annotated[str, typer.Argument(help="Tar file written by `ctxc cache export`.")],
+    path: Annotated[str, typer.Argument(metavar="FILE.tar", help="Tar file written by `ctxc cache export`.")],
 ):
     """Add a cartridge from a tar file (checksums are checked first); prints its id."""
     from ..cache_store.store import CartridgeStore
@@ -306,13 +353,14 @@ def import_cmd(
 @handle_errors
 def ask(
     ctx: typer.Context,
-    target: Annotated[str, typer.Argument(help="Cartridge (id, unique id prefix or name), else a text file.")],
-    question: Annotated[Optional[str], typer.Argument(help="The question.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")] = 128,
-    name: Annotated[Optional[str], typer.Option("--name", help="Use the cartridge with this name; then the only argument is the question.")] = None,
+    target: Annotated[str, typer.Argument(metavar="CARTRIDGE_OR_FILE", help="Cartridge (id, unique id prefix or name), else a text file.")],
+    question: Annotated[Optional[str], typer.Argument(metavar="QUESTION", help="The question.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, metavar="N", help="Stop after this many tokens.")] = 128,
+    name: Annotated[Optional[str], typer.Option("--name", metavar="NAME", help="Use the cartridge with this name; then the only argument is the question.")] = None,
     prefill: Annotated[bool, typer.Option("--prefill", help="Treat TARGET as a file and prefill it (the baseline).")] = False,
-    stats: Annotated[bool, typer.Option("--stats", help="Print one JSON line of timings to stderr.")] = False,
-    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Input encoding of a file (default utf-8).")] = None,
+    stats: o.Stats = False,
+    encoding: o.Encoding = None,
+    progress: o.Progress = True,
 ):
     """Answer a question about a document from its cartridge (or, for a plain file, after a fresh prefill).
 
@@ -340,12 +388,15 @@ def ask(
     elif question is None:
         raise InputError("the question is missing", 'ctxc ask CARTRIDGE_OR_FILE "question"')
 
-    def emit(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    with activity(progress, "loading the model, then the cartridge or a prefill") as spinner:
+        def emit(piece: str) -> None:
+            if spinner:
+                spinner.stop()  # the answer starts: the spinner leaves the terminal first
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
-    res = run(target, question, max_new_tokens=max_new_tokens, store=store, on_text=emit, prefill=prefill,
-              encoding=settings.encoding, settings=settings)
+        res = run(target, question, max_new_tokens=max_new_tokens, store=store, on_text=emit, prefill=prefill,
+                  encoding=settings.encoding, settings=settings)
     sys.stdout.write("\n")
     sys.stdout.flush()
     from ..terminal import printable

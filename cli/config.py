@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Annotated
-
 import typer
 
+from . import options as o
 from .app import app
 from ._common import emit_json, handle_errors, settings_of
 
@@ -18,17 +16,11 @@ config_app = typer.Typer(
 app.add_typer(config_app, name="config")
 
 
-class ShowFormat(str, Enum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
-
-
 @config_app.command("show")
 @handle_errors
 def show(
     ctx: typer.Context,
-    fmt: Annotated[ShowFormat, typer.Option("--format", "-f", help="text (table), json or jsonl.")] = ShowFormat.text,
+    fmt: o.OutputFormat = o.Format.text,
 ):
     """Print every setting, its effective value and its source (default, env VAR or a file path).
 
@@ -41,10 +33,10 @@ def show(
     from ..settings import config_files
 
     rows = [{k: r[k] for k in ("key", "value", "source", "env")} for r in settings_of(ctx).rows()]
-    if fmt is ShowFormat.json:
+    if fmt is o.Format.json:
         emit_json({"settings": rows, "files": [str(p) for p in config_files()]})
         return
-    if fmt is ShowFormat.jsonl:
+    if fmt is o.Format.jsonl:
         for r in rows:
             emit_json(r)
         return

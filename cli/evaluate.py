@@ -2,40 +2,36 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
+from . import options as o
 from .app import app
-from ._common import err_console, handle_errors, parse_options, progress_bar, settings_of
-
-
-class EvalFormat(str, Enum):
-    text = "text"
-    json = "json"
+from ._common import activity, emit_json, err_console, handle_errors, parse_options, settings_of
 
 
 @app.command("eval")
 @handle_errors
 def eval_cmd(
     ctx: typer.Context,
-    path: Annotated[Optional[str], typer.Argument(help="Document file or directory; optional when each question carries its own \"context\".")] = None,
-    questions: Annotated[Optional[str], typer.Option("--questions", "-Q", help="JSONL: {\"question\", \"answers\" | \"answer\", optional \"doc\", \"context\"}.")] = None,
-    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods or pipelines.")] = "extractive,truncate",
-    budgets: Annotated[str, typer.Option("--budgets", "-b", help="Comma-separated budgets: 4x, 10x, 2k, 25%.")] = "4x,10x",
-    out: Annotated[str, typer.Option("--output", "-o", help="Report directory (report.md, results.json, PNG plots).")] = "report",
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="cl100k (default), model or hf:PATH.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Use only the first N questions.")] = None,
+    path: Annotated[Optional[str], typer.Argument(metavar="PATH", help="Document file or directory; optional when each question carries its own \"context\".")] = None,
+    questions: Annotated[Optional[str], typer.Option("--questions", "-Q", metavar="FILE.jsonl", help="JSONL: {\"question\", \"answers\" | \"answer\", optional \"doc\", \"context\"}.")] = None,
+    methods: Annotated[str, typer.Option("--methods", "-m", metavar="METHODS", help="Comma-separated methods or pipelines.")] = "extractive,truncate",
+    budgets: Annotated[str, typer.Option("--budgets", "-b", metavar="BUDGETS", help="Comma-separated budgets: 4x, 10x, 2k, 25%.")] = "4x,10x",
+    out: Annotated[str, typer.Option("--output", "-o", metavar="DIR", help="Report directory (report.md, results.json, PNG plots).")] = "report",
+    tokenizer: o.Tokenizer = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, metavar="N", help="Use only the first N questions.")] = None,
     no_nll: Annotated[bool, typer.Option("--no-nll", help="Skip the LM's answer NLL (retention only; much faster).")] = False,
     no_query: Annotated[bool, typer.Option("--no-query", help="Compress once per document, without the question as query.")] = False,
-    nll_max_tokens: Annotated[int, typer.Option("--nll-max-tokens", min=64, help="Context cap (model tokens) when scoring NLL.")] = 2048,
-    fmt: Annotated[EvalFormat, typer.Option("--format", "-f", help="text (table) or json on stdout.")] = EvalFormat.text,
-    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Document encoding (default utf-8).")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", metavar="KEY=VALUE", help="A method option for every method (repeatable): see `ctxc methods`.")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (terminals only).")] = True,
+    nll_window: Annotated[Optional[int], typer.Option(
+        "--nll-window", min=64, metavar="TOKENS",
+        help="Score NLL in windows of this many model tokens (default: the model's context); a longer document is "
+             "scored window by window and the best window counts (the report says so).")] = None,
+    fmt: o.OutputFormat = o.Format.text,
+    encoding: o.Encoding = None,
+    option: o.MethodOption = None,
+    progress: o.Progress = True,
 ):
     """Measure what compression keeps on your own documents.
 
@@ -63,12 +59,17 @@ def eval_cmd(
         raise InputError("nothing to evaluate: give a document PATH, --questions, or both",
                          "e.g. ctxc eval report.txt --questions qs.jsonl")
     docs = load_documents(path, settings.encoding) if path else None
-    with progress_bar(progress, "eval") as bar:
+    with activity(progress, "eval") as bar:
         res = run_eval(docs, qs, meths, buds, tokenizer=settings.tokenizer, nll=not no_nll, query_aware=not no_query,
-                       nll_max_tokens=nll_max_tokens, progress=bar, settings=settings, **parse_options(option))
+                       nll_window=nll_window, progress=bar, settings=settings, **parse_options(option))
     files = write_report(res, out, inputs)
-    if fmt is EvalFormat.json:
-        sys.stdout.write(json.dumps({"summary": res.summary(), "files": [str(f) for f in files]}) + "\n")
+    summary = [_rounded(d) for d in res.summary()]
+    if fmt is o.Format.json:
+        emit_json({"mode": res.mode, "tokenizer": res.tokenizer, "model": res.model, "settings": res.settings,
+                   "summary": summary, "files": [str(f) for f in files]})
+    elif fmt is o.Format.jsonl:
+        for d in summary:
+            emit_json(d)
     else:
         from rich.console import Console
         from rich.table import Table
@@ -84,3 +85,11 @@ def eval_cmd(
             table.add_row(*(Text(printable(c)) for c in r))
         Console(highlight=False, soft_wrap=True).print(table)
     err_console().print(f"report: {files[0]}")
+
+
+def _rounded(row: dict) -> dict:
+    """A summary row in the JSON vocabulary: seconds to the millisecond, other figures to 4 digits."""
+    from ._common import rounded
+
+    return {k: rounded(v) if k == "seconds" and v is not None else (round(v, 4) if isinstance(v, float) else v)
+            for k, v in row.items()}

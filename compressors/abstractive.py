@@ -88,7 +88,7 @@ class AbstractiveCompressor(Compressor):
             generated += g
             nxt = "\n".join(s for s in summaries if s)
             n_nxt = tokenizer.count(nxt)
-            info["rounds"].append({"chunks": len(chunks), "tokens_in": n_cur, "tokens_out": n_nxt})
+            info["rounds"].append({"chunks": len(chunks), "input_tokens": n_cur, "output_tokens": n_nxt})
             if not nxt.strip() or n_nxt >= n_cur:  # no progress: the model cannot shorten this any further
                 break
             cur = nxt

@@ -72,7 +72,7 @@ class PipelineCompressor(Compressor):
         for stage, b in zip(self.stages, self.stage_budgets(budget)):
             n = tokenizer.count(cur)
             if n <= b:
-                info["stages"].append({"method": stage.name, "budget": b, "tokens": n, "skipped": "fits"})
+                info["stages"].append({"method": stage.name, "budget": b, "tokens": n, "unchanged": True})
                 continue
             if self.settings is not None and getattr(stage, "settings", None) is None:
                 stage.settings = self.settings

@@ -397,7 +397,7 @@ class TokensCompressor(Compressor):
         seconds = time.perf_counter() - t0
         stats.update({"words": nw, "kept_words": int(len(keep_idx)), "forced_words": int(forced.sum()),
                       "model_tokens": len(doc.ids), "refined": refined, "layers": self.layers,
-                      "seconds": round(seconds, 3),
+                      "seconds": round(seconds, 3), "score_seconds": round(stats["score_seconds"], 3),
                       "model_tokens_per_s": round(len(doc.ids) / max(stats["score_seconds"], 1e-9), 1)})
         if rel is not None:
             stats["segments_dropped"] = int((seg_w == 0).sum())

@@ -33,9 +33,11 @@ class CompressionResult:
         return self.input_tokens / max(1, self.output_tokens)
 
     def to_json(self) -> dict:
+        """The result in the JSON vocabulary of every command (README, JSON output)."""
         d = asdict(self)
         d["kept"] = [{"start": s, "end": e} for s, e in self.kept]
-        d["seconds"] = round(self.seconds, 4)
+        d["ratio"] = round(self.ratio, 3)
+        d["seconds"] = round(self.seconds, 3)
         return d
 
 
@@ -144,3 +146,52 @@ def _with_coarse_stage(comp, method: str, n_in: int, limit: int, threshold: int,
 
 def count(text: str, tokenizer: "str | Tokenizer | None" = None, settings: Settings | None = None) -> int:
     return get_tokenizer(tokenizer, settings).count(text)
+
+
+def retrieve(index, query: str, budget: "str | int | Budget" = "2k", mode: str = "hybrid", k: int | None = None,
+             tokenizer: "str | Tokenizer | None" = None, settings: Settings | None = None):
+    """The chunks of an index (a folder made by `build_index`, or an opened `ctxc.retrievers.index.Index`) that
+    answer `query`, packed into `budget` tokens with citations (a `Packed`: `.text`, `.groups`, `.to_json()`).
+
+    >>> # ctxc.retrieve(".ctxc-index", "how are retries configured?", budget="2k").text
+    """
+    from .errors import BudgetError
+    from .retrievers.index import Index
+
+    settings = settings or Settings.current()
+    b = Budget.parse(budget)
+    if b.kind != "tokens":
+        raise BudgetError(f"bad budget {budget!r} for retrieve: there is no input size to take a share of",
+                          "give a number of tokens, e.g. --budget 2k")
+    if k is not None and k < 1:
+        raise InputError(f"bad --k {k}", "give a positive number of chunks")
+    idx = index if isinstance(index, Index) else Index.open(index, settings=settings)
+    return idx.retrieve(query, b.resolve(0), tokenizer=get_tokenizer(tokenizer, settings), mode=mode, k=k)
+
+
+def build_index(paths, output, settings: Settings | None = None, **options):
+    """Index files and folders into the folder `output` (incrementally); see `ctxc.retrievers.index.build_index` for
+    the options (include, exclude, chunk_tokens, overlap, embedder, rebuild, progress, ...)."""
+    from .retrievers.index import build_index as build
+
+    settings = settings or Settings.current()
+    if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__"):
+        paths = [paths]
+    return build(paths, output, settings=settings, **options)
+
+
+def build_cartridge(document: str, settings: Settings | None = None, **options):
+    """Prefill `document` (its text) once with the local LM and store its KV cache as a cartridge; see
+    `ctxc.cache_store.build` for the options (evict, quant, name, source, ...). Returns a `BuildResult`."""
+    from .cache_store import build
+
+    return build(document, settings=settings or Settings.current(), **options)
+
+
+def ask(target: str, question: str, settings: Settings | None = None, **options):
+    """Answer `question` about a document: `target` is a cartridge (id, unique prefix or name) or a text file
+    (found by content among the cartridges, else prefilled); see `ctxc.cache_store.ask`. Returns an `AskResult`
+    (`.text`, `.stats`)."""
+    from .cache_store import ask as run
+
+    return run(target, question, settings=settings or Settings.current(), **options)

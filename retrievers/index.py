@@ -147,7 +147,7 @@ def _embedder_spec(path: str | None) -> dict:
 def _load_embedder(spec: dict, settings: Settings):
     from .embed import get_embedder
 
-    return get_embedder(spec.get("path"), dtype=settings.embed_dtype)
+    return get_embedder(spec.get("path"), dtype=settings.embed_dtype, threads=settings.threads)
 
 
 def make_faiss(vectors: np.ndarray, hnsw_threshold: int = HNSW_THRESHOLD):
@@ -197,6 +197,8 @@ class BuildReport:
     def to_json(self) -> dict:
         d = dict(self.__dict__)
         d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        for k in ("seconds", "embed_seconds", "embed_cpu_seconds", "chunk_seconds", "cpu_seconds"):
+            d[k] = round(d[k], 3)
         return d
 
 
@@ -305,7 +307,7 @@ class Index:
             "faiss": faiss_kind(self.faiss_index),
             "hnsw_threshold": m["faiss"].get("hnsw_threshold"),
             "bm25_terms": len(self.bm25.vocab),
-            "size_bytes": size,
+            "bytes": size,
             "created": m.get("created"),
             "updated": m.get("updated"),
         }
@@ -343,9 +345,12 @@ class Index:
         """The best chunks for `query`, packed into at most `budget` tokens with citations (see `search.pack`)."""
         if not query or not query.strip():
             raise InputError("empty query", "give the question to retrieve for")
+        t0 = time.perf_counter()
         tok = get_tokenizer(tokenizer)
         hits = self.search(query, mode, max(pool, k or 0))
-        return pack([(self.chunks[i], s) for i, s in hits], budget, tok, k=k)
+        packed = pack([(self.chunks[i], s) for i, s in hits], budget, tok, k=k)
+        packed.mode, packed.seconds = mode, time.perf_counter() - t0
+        return packed
 
 
 def search_chunks(
@@ -597,7 +602,7 @@ def _build(paths, found, out: Path, chunk_tokens: int, overlap: int, embedder: s
             if progress:
                 progress("embed", lo, len(order))
             ids = order[lo : lo + step]
-            new_vecs[ids] = emb.encode([new_texts[i] for i in ids], batch_size=batch_size)
+            new_vecs[ids] = emb.encode([new_texts[i] for i in ids], batch_size=batch_size, persist=False)
         if progress:
             progress("embed", len(order), len(order))
     report.embed_seconds = time.perf_counter() - t_emb

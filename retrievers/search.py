@@ -76,9 +76,13 @@ class Packed:
     output_tokens: int = 0
     budget: int = 0
     candidates: int = 0
+    tokenizer: str = ""
+    mode: str = ""
+    seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {"text": self.text, "output_tokens": self.output_tokens, "budget": self.budget,
+                "tokenizer": self.tokenizer, "mode": self.mode, "seconds": round(self.seconds, 3),
                 "chunks": [g.to_json() for g in self.groups]}
 
 
@@ -185,4 +189,4 @@ def pack(
                     chosen, groups, text, n = trial, t_groups, t_text, m
                     break
                 room -= max(1, m - budget)
-    return Packed(text, groups, n, budget, len(hits))
+    return Packed(text, groups, n, budget, len(hits), tokenizer.name)

@@ -84,7 +84,7 @@ def test_batch_mirrors_tree_and_counts_skips(tree, tmp_path):
     r = runner.invoke(app, ["batch", str(tree), "-o", str(dst), "-b", "60", "-m", "truncate", "-f", "json"])
     assert r.exit_code == 0, r.stderr
     s = json.loads(r.stdout)
-    assert (s["total"], s["done"], s["skipped"], s["failed"], s["unchanged"]) == (7, 4, 3, 0, 0)
+    assert (s["total"], s["counts"]["done"], s["counts"]["skipped"], s["counts"]["failed"], s["counts"]["unchanged"]) == (7, 4, 3, 0, 0)
     assert s["skip_reasons"] == {"binary": 1, "undecodable": 1, "empty": 1}
     assert "compressed" in r.stderr and "tokens in" in r.stderr  # the summary table
     got = out_files(dst)
@@ -101,7 +101,7 @@ def test_batch_mirrors_tree_and_counts_skips(tree, tmp_path):
     assert m["story.txt"]["sha256"] == hashlib.sha256((tree / "story.txt").read_bytes()).hexdigest()
     assert m["story.txt"]["settings"]["budget"] == "60" and m["story.txt"]["settings"]["method"] == "truncate"
     assert m["story.txt"]["output_sha256"] == hashlib.sha256(got["story.txt"]).hexdigest()
-    assert s["tokens_out"] == sum(TOK.count(d.decode()) for d in got.values())
+    assert s["output_tokens"] == sum(TOK.count(d.decode()) for d in got.values())
     assert tree_hash(tree) == before  # nothing under IN_DIR changed, not even an mtime
 
 
@@ -110,7 +110,7 @@ def test_rerun_skips_done_and_redoes_what_changed(tree, tmp_path):
     args = ["batch", str(tree), "-o", str(dst), "-b", "60", "-m", "truncate", "-f", "json", "--no-progress"]
     assert runner.invoke(app, args).exit_code == 0
     s = json.loads(runner.invoke(app, args).stdout)
-    assert (s["done"], s["unchanged"], s["skipped"]) == (0, 4, 3)
+    assert (s["counts"]["done"], s["counts"]["unchanged"], s["counts"]["skipped"]) == (0, 4, 3)
     # a changed input, a tampered output and a deleted output are redone; the rest is not
     (tree / "story.txt").write_text("A brand new story. " * 200)
     (dst / "a" / "fema.md").write_text("tampered")
@@ -123,7 +123,7 @@ def test_rerun_skips_done_and_redoes_what_changed(tree, tmp_path):
     assert (dst / "a" / "fema.md").read_text() != "tampered"
     # new settings redo everything; the manifest keeps one line per path
     s = json.loads(runner.invoke(app, args[:-3] + ["-b", "40", "-f", "json"]).stdout)
-    assert s["done"] == 4 and s["unchanged"] == 0
+    assert s["counts"]["done"] == 4 and s["counts"]["unchanged"] == 0
     lines = (dst / MANIFEST).read_text().splitlines()
     assert len(lines) == 7 and all(json.loads(x)["settings"]["budget"] == "40" for x in lines)
 
@@ -156,15 +156,15 @@ def test_one_failing_file_does_not_stop_the_batch(tree, tmp_path, flaky_method):
     r = runner.invoke(app, ["batch", str(tree), "-o", str(dst), "-b", "60", "-m", "flaky-test", "-f", "json"])
     assert r.exit_code == 1
     s = json.loads(r.stdout)
-    assert s["failed"] == 1 and s["done"] == 4
-    assert s["failures"] == [["a/bad.txt", "RuntimeError: exploded on purpose"]]
+    assert s["counts"]["failed"] == 1 and s["counts"]["done"] == 4
+    assert s["failures"] == [{"path": "a/bad.txt", "reason": "RuntimeError: exploded on purpose"}]
     assert r.stderr.rstrip().splitlines()[-1].startswith("ctxc: error: 1 file(s) failed; first: a/bad.txt")
     assert not (dst / "a" / "bad.txt").exists()
     # a failed file is retried on the next run, a done one is not
     (tree / "a" / "bad.txt").write_text("fine now " * 400)
     s = json.loads(runner.invoke(app, ["batch", str(tree), "-o", str(dst), "-b", "60", "-m", "flaky-test",
                                        "-f", "json"]).stdout)
-    assert (s["done"], s["failed"], s["unchanged"]) == (1, 0, 4)
+    assert (s["counts"]["done"], s["counts"]["failed"], s["counts"]["unchanged"]) == (1, 0, 4)
 
 
 @pytest.mark.parametrize("out_rel, words", [
@@ -255,7 +255,7 @@ def test_kill_9_halfway_then_resume_gives_identical_output(tmp_path, story_text)
     r = subprocess.run(cmd + ["-f", "json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert s["unchanged"] == len(done_before) and s["done"] == 120 - len(done_before) and s["failed"] == 0
+    assert s["counts"]["unchanged"] == len(done_before) and s["counts"]["done"] == 120 - len(done_before) and s["counts"]["failed"] == 0
     got = out_files(dst)
     assert len(got) == 120  # and no temp files left behind by the kill
     for rel, data in got.items():
@@ -296,7 +296,7 @@ def test_ray_engine_against_local_cluster(tree, tmp_path):
                            capture_output=True, text=True, env=env, timeout=240)
         assert r.returncode == 0, r.stderr[-3000:]
         s = json.loads(r.stdout)
-        assert (s["engine"], s["done"], s["skipped"], s["failed"]) == ("ray", 4, 3, 0)
+        assert (s["engine"], s["counts"]["done"], s["counts"]["skipped"], s["counts"]["failed"]) == ("ray", 4, 3, 0)
         run_batch(tree, ref, BatchSettings(budget="60", method="truncate"))
         assert out_files(dst) == out_files(ref)
         assert "Local node IP: 127.0.0.1" in log.read_text()
@@ -323,7 +323,7 @@ def test_ray_engine_starts_its_own_loopback_instance(tree, tmp_path):
                        timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout)
-    assert (s["engine"], s["done"], s["failed"]) == ("ray", 4, 0)
+    assert (s["engine"], s["counts"]["done"], s["counts"]["failed"]) == ("ray", 4, 0)
     ray_lines = [ln for ln in r.stderr.splitlines()
                  if ln.startswith("[20") or any(w in ln for w in ("raylet", "gcs", "INFO", "WARNING", "ray._private"))]
     assert not ray_lines, ray_lines

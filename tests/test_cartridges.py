@@ -454,7 +454,7 @@ def test_cli_build_directory(store, tmp_path, doc, small_doc):
     (d / "blob.bin").write_bytes(bytes(range(256)) * 4)
     r = _cli("cache", "build", str(d), "--format", "json")
     assert r.exit_code == 0, r.stderr
-    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    lines = json.loads(r.stdout)
     assert sorted(x["name"] for x in lines) == ["a.txt", "sub/b.md"]
     assert "skipped 1 file" in r.stderr
     assert sorted(store.ids()) == sorted(x["id"] for x in lines)

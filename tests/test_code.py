@@ -101,7 +101,7 @@ def test_exact_budget_through_the_api_and_auto_selection(lm, embedder):
     # The CLI picks `code` for a .py file by itself (default ranking: BM25 + dense + LM).
     res = CliRunner().invoke(app, ["compress", inspect.getsourcefile(textwrap), "-b", "500", "-q", "dedent", "-f", "json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
+    (out,) = json.loads(res.stdout)  # a list: one object per file argument
     assert out["method"] == "code" and out["output_tokens"] <= 500
     ast.parse(out["text"])
     assert inspect.getsource(textwrap.dedent) in out["text"]

@@ -135,12 +135,12 @@ def test_file_defaults_apply_to_compress_and_options_win(isolated, story_text):
     (work / "doc.txt").write_text(story_text)
     r = runner.invoke(app, ["compress", "doc.txt", "-f", "json"])
     assert r.exit_code == 0, r.stderr
-    d = json.loads(r.stdout)
+    (d,) = json.loads(r.stdout)  # a list: one object per file argument
     assert d["method"] == "truncate" and d["budget"] == 60
     assert d["output_tokens"] == get_tokenizer("cl100k").count(d["text"]) <= 60
     assert story_text.startswith(d["text"])
     r = runner.invoke(app, ["compress", "doc.txt", "-f", "json", "-b", "30", "-m", "truncate", "--mode", "tail"])
-    d = json.loads(r.stdout)
+    (d,) = json.loads(r.stdout)
     assert d["budget"] == 30 and story_text.endswith(d["text"])
 
 

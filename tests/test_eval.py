@@ -104,6 +104,26 @@ def test_cli_questions_with_contexts(tmp_path):
     assert res.exit_code == 0, res.output
     (d,) = json.loads(res.stdout)["summary"]
     assert d["retention"] == 1.0 and d["nll"] is None
+    # no NLL measured: no NLL plot, no link to one, no NLL columns
+    files = {p.name for p in (tmp_path / "r").iterdir()}
+    assert "retention.png" in files and "nll.png" not in files
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "nll.png" not in md and "NLL full" not in md and "| answer kept |" in md
+
+
+def test_full_document_nll_is_windowed_not_truncated(lm):
+    """A document longer than the scoring window is scored window by window: the window holding the answer
+    counts, where the head alone (the old truncated baseline) does not contain it."""
+    from ctxc.apps.evaluate import AnswerScorer
+
+    filler = " ".join(f"Paragraph {i} is about the weather in a town far away." for i in range(120))
+    doc = filler + " The secret password of the vault is Zanzibar-42."
+    scorer = AnswerScorer(window=256)
+    nll, windows = scorer.nll(doc, "What is the secret password of the vault?", "Zanzibar-42")
+    assert windows > 4
+    head = lm.tokenizer.truncate(doc, 100)
+    nll_head, one = scorer.nll(head, "What is the secret password of the vault?", "Zanzibar-42")
+    assert one == 1 and nll < nll_head - 0.5, (nll, nll_head)
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -469,7 +469,7 @@ def test_batch_does_not_follow_links_in_in(linked_tree, tmp_path, guard):
     r = _cli("batch", src, "-o", out, "-b", "50", "-m", "truncate", "--no-progress", "-f", "json")
     assert r.exit_code == 0, r.stderr
     s = json.loads(r.stdout)
-    assert s["done"] == 2 and s["skip_reasons"] == {"symbolic link (not followed)": 2}
+    assert s["counts"]["done"] == 2 and s["skip_reasons"] == {"symbolic link (not followed)": 2}
     assert sorted(_tree_state(out)) == ["b.txt", "docs/a.txt", "manifest.jsonl"]
     assert "secret" not in "".join(x.decode() for x in _tree_state(out).values())
     assert _tree_state(src) == before_in

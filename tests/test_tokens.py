@@ -158,7 +158,7 @@ def test_cli(lm, tmp_path, short_text):
     assert r.exit_code == 0, r.output
     import json
 
-    data = json.loads(r.stdout)
+    (data,) = json.loads(r.stdout)
     assert data["output_tokens"] <= 50 and data["info"]["layers"] == 8
     r = runner.invoke(app, ["compress", str(f), "-m", "tokens", "-b", "50", "--keep", "(oops"])
     assert r.exit_code != 0 and "not a valid regex" in r.output and "Traceback" not in r.output
