@@ -470,6 +470,15 @@ def plot(res: EvalResult, out: OutputTree) -> list[str]:
         if key == "retention":
             ax.set_ylim(-3, 103)
         ax.set_xscale("log")
+        # "4x" at round ratios instead of matplotlib's 4×10^0 on major and minor ticks
+        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in (1, 1.5, 2, 3, 4, 6, 10, 15, 20, 30, 50, 100, 200, 500, 1000) if lo <= t <= hi]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(lambda v, _pos: f"{v:g}x")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("compression ratio achieved (input tokens / output tokens, log scale)")
         ax.set_ylabel(label + (" (%)" if pct else ""))
         ax.grid(alpha=0.3, which="both")
