@@ -33,7 +33,8 @@ Method = Annotated[Optional[str], typer.Option(
          "else extractive, or code for source files.")]
 Tokenizer = Annotated[Optional[str], typer.Option(
     "--tokenizer", "-t", metavar="TOKENIZER",
-    help="What budgets are counted in: cl100k (default), model (the local LM's) or hf:PATH.")]
+    help="What budgets are counted in: cl100k (default), o200k, a model name (gpt-4o, gpt-4, ...), "
+         "model (the local LM's) or hf:PATH.")]
 OutputFormat = Annotated[Format, typer.Option(
     "--format", "-f", help="text, json (one document) or jsonl (one object per line).")]
 Null = Annotated[bool, typer.Option(

@@ -1,7 +1,9 @@
 """Code-aware compression: keep the skeleton of a source file (imports, class headers, signatures, docstrings) and
 the function bodies that matter for the query whole; other bodies become a placeholder so the output still parses.
 
-Python is parsed with `ast` (exact statement spans); other languages are split by brace or indentation structure.
+Python is parsed with `ast` (exact statement spans); JavaScript/TypeScript, Go, Rust, Java and C/C++ with tree-sitter
+(tree-sitter-language-pack), and their output parses again with the same grammar; other languages are split by brace
+or indentation structure.
 Bodies are ranked by identifier-aware BM25 fused with dense similarity and, for the best few, the local LM's
 conditional perplexity of the query given the body (LongCodeZip's approximated mutual information).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -247,6 +250,8 @@ class _PyPlanner:
             p.pieces.append(Piece(0, 0, Placeholder(sig, (full,)), literal=f"{ind}...\n"))
             self.span(hdr_end + 1 if not doc else body[0].end_lineno + 1, st.end_lineno, _has(full))
             unit_items.append(full)
+        elif doc:  # the docstring is the whole body: without it, `...` keeps the def valid
+            p.pieces.append(Piece(0, 0, Placeholder(sig, (doc,)), literal=f"{ind}...\n"))
         p.units.append(CodeUnit(name, qual, _src(self.text, self.off(start), self.off(st.end_lineno + 1)),
                             unit_items, kind))
         return sig
@@ -473,6 +478,271 @@ def _is_comment(s: str, brace: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Other languages on real syntax trees (tree-sitter): JavaScript/TypeScript, Go, Rust, Java, C/C++
+
+# File suffix -> grammar of tree-sitter-language-pack. `.h` is tried as C, then as C++.
+TS_LANGUAGES = {".js": "javascript", ".jsx": "javascript", ".mjs": "javascript", ".cjs": "javascript",
+                ".ts": "typescript", ".mts": "typescript", ".cts": "typescript", ".tsx": "tsx", ".go": "go",
+                ".rs": "rust", ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp",
+                ".hpp": "cpp", ".hh": "cpp", ".hxx": "cpp"}
+_TS_GRAMMARS = frozenset(TS_LANGUAGES.values())
+_TS_COMMENTS = frozenset({"comment", "line_comment", "block_comment"})
+_TS_ATTRIBUTES = frozenset({"attribute_item", "decorator"})  # Rust `#[test]`, TS `@Input()`: part of the header
+_TS_IMPORTS = frozenset({"import_statement", "import_declaration", "use_declaration", "preproc_include",
+                         "package_clause", "package_declaration", "using_declaration", "extern_crate_declaration",
+                         "namespace_alias_definition"})
+# Declarations whose body holds further declarations (recursed into) rather than statements.
+_TS_CONTAINERS = frozenset({"class_declaration", "class", "abstract_class_declaration", "interface_declaration",
+                            "internal_module", "module", "impl_item", "trait_item", "mod_item", "namespace_definition",
+                            "class_specifier", "struct_specifier", "union_specifier", "linkage_specification",
+                            "record_declaration", "annotation_type_declaration", "struct_item"})
+_TS_CONTAINER_BODIES = frozenset({"class_body", "interface_body", "declaration_list", "field_declaration_list"})
+_TS_BLOCKS = frozenset({"block", "statement_block", "compound_statement", "constructor_body"})
+_TS_FUNCTION_VALUES = frozenset({"arrow_function", "function_expression", "function", "generator_function", "class"})
+_TS_PREPROC_BLOCKS = frozenset({"preproc_ifdef", "preproc_if"})  # include guards wrap whole headers
+
+
+@lru_cache(maxsize=None)
+def ts_parser(language: str):
+    """A tree-sitter parser for `language`, or None when tree-sitter-language-pack is not installed."""
+    try:
+        from tree_sitter_language_pack import get_parser
+    except ImportError:
+        return None
+    return get_parser(language)
+
+
+def ts_parses(text: str, language: str) -> bool:
+    """True when `text` parses with the grammar without an ERROR or MISSING node."""
+    parser = ts_parser(language)
+    return parser is not None and not parser.parse(text.encode("utf-8")).root_node.has_error
+
+
+def _last_row(node) -> int:
+    """The last row holding text of `node` (a node that ends with its newline ends at column 0 of the next row)."""
+    end = node.end_point
+    return end[0] - 1 if end[1] == 0 and end[0] > node.start_point[0] else end[0]
+
+
+def _ts_text(node) -> str:
+    return node.text.decode("utf-8", "replace") if node is not None else ""
+
+
+def _ts_name(node) -> str:
+    """The declared name: the `name` field, a C/C++ declarator's identifier, a Rust impl's type."""
+    n = node.child_by_field_name("name")
+    if n is not None:
+        return _ts_text(n)
+    d = node.child_by_field_name("declarator")
+    while d is not None:
+        if d.type in ("identifier", "field_identifier", "destructor_name", "operator_name", "type_identifier"):
+            return _ts_text(d)
+        if d.type == "qualified_identifier":
+            return _ts_text(d).split("::")[-1]
+        d = d.child_by_field_name("declarator") or d.child_by_field_name("name")
+    t = node.child_by_field_name("type")  # impl blocks
+    return _ts_text(t).split("<")[0] if t is not None else ""
+
+
+def _ts_unwrap(node) -> tuple:
+    """(the node holding the body, kind, name): kind is "def" (a function: the body is statements), "container" (its
+    body holds declarations) or "stmt". Looks through `export`, C++ `template <...>` and `const f = () => {...}`."""
+    t = node.type
+    if t == "export_statement":
+        inner = node.child_by_field_name("declaration") or node.child_by_field_name("value")
+        if inner is None:
+            inner = next((c for c in node.named_children if c.type not in _TS_COMMENTS | _TS_ATTRIBUTES), None)
+        return _ts_unwrap(inner) if inner is not None and inner.type != "export_clause" else (node, "stmt", "")
+    if t == "template_declaration" and node.named_children:
+        inner, kind, name = _ts_unwrap(node.named_children[-1])
+        return inner, kind, name
+    if t in ("lexical_declaration", "variable_declaration"):
+        decls = [c for c in node.named_children if c.type == "variable_declarator"]
+        if len(decls) == 1:
+            value = decls[0].child_by_field_name("value")
+            if value is not None and value.type in _TS_FUNCTION_VALUES:
+                inner, kind, _ = _ts_unwrap(value)
+                return inner, kind, _ts_name(decls[0])
+        return node, "stmt", _ts_name(decls[0]) if len(decls) == 1 else ""
+    if t == "expression_statement" and node.named_child_count == 1 and \
+            node.named_children[0].type in ("internal_module", "module"):
+        return _ts_unwrap(node.named_children[0])
+    if t in _TS_PREPROC_BLOCKS:
+        return node, "preproc", ""
+    body = node.child_by_field_name("body")
+    name = _ts_name(node)
+    if t == "method_declaration" and node.child_by_field_name("receiver") is not None:  # Go: (s *Server) Name
+        recv = re.findall(r"\w+", _ts_text(node.child_by_field_name("receiver")))
+        name = f"{recv[-1]}.{name}" if recv else name
+    if body is not None:
+        if t in _TS_CONTAINERS or body.type in _TS_CONTAINER_BODIES:
+            return node, "container", name
+        if body.type in _TS_BLOCKS:
+            return node, "def", name
+    return node, "stmt", name
+
+
+class _TSPlanner:
+    """Declarations from the syntax tree: imports, signatures, doc comments and bodies as items, recursing into
+    classes, impl blocks, namespaces and include guards. Everything is cut at whole lines, and only where a line
+    holds nothing but the piece (a body's lines lie strictly between the line of its `{` and the line of its `}`);
+    a declaration that shares its lines is kept or dropped whole. A dropped body becomes `/* ... */`, a comment in
+    every one of these grammars, so the output parses again with the same grammar."""
+
+    PLACEHOLDER = "/* ... */"
+
+    def __init__(self, text: str, root):
+        self.text = text
+        self.ls = _line_starts(text)
+        self.plan = _Plan()
+        self.root = root
+
+    def off(self, row: int) -> int:
+        return self.ls[row] if row < len(self.ls) else len(self.text)
+
+    def blank(self, row: int) -> bool:
+        return not self.text[self.off(row): self.off(row + 1)].strip()
+
+    def indent(self, row: int) -> str:
+        return re.match(r"[ \t]*", self.text[self.off(row): self.off(row + 1)]).group(0)
+
+    def rows(self, a: int, b: int, show) -> None:
+        if b >= a:
+            self.plan.pieces.append(Piece(self.off(a), self.off(b + 1), show))
+
+    def build(self) -> _Plan:
+        last = max(0, len(self.ls) - 1 if self.text.endswith("\n") else len(self.ls) - 2)
+        self.region(list(self.root.children), 0, last, [], "")
+        return self.plan
+
+    def region(self, children: list, first: int, last: int, needs: list[str], prefix: str) -> list[str]:
+        """Plan `children` (the nodes of a file or of a container's body, rows `first`..`last`); returns the keys
+        whose presence means 'something of this region is shown'."""
+        keys: list[str] = []
+        pos = first
+        pending: list = []  # comments and attributes on their own lines, waiting for the next declaration
+        for ch in children:
+            a, b = ch.start_point[0], _last_row(ch)
+            if b < pos or a > last:
+                continue
+            if a < pos:  # shares a line with what came before: goes with it
+                if keys:
+                    self.rows(pos, min(b, last), _has(keys[-1]))
+                    pos = min(b, last) + 1
+                continue
+            if ch.type in _TS_COMMENTS | _TS_ATTRIBUTES:
+                pending.append(ch)
+                continue
+            keys.append(self.declaration(ch, pos, pending, needs, prefix))
+            pending = []
+            pos = _last_row(ch) + 1
+        if pos <= last:
+            if keys:  # trailing comments of a region are cheap context at best: they go with its last declaration
+                tail = self.plan.item(keys[-1] + ".tail", T_COMMENT, [keys[-1]])
+                self.gap(pos, last, {}, _has(tail))
+            else:  # a region of comments only (or an empty file): one statement
+                key = self.plan.item(f"{prefix}L{pos + 1}", T_STMT, needs)
+                self.gap(pos, last, {}, _has(key))
+                self.plan.units.append(CodeUnit("", f"{prefix}L{pos + 1}", self.text[self.off(pos): self.off(last + 1)],
+                                                [key], "stmt"))
+                keys.append(key)
+        return keys
+
+    def gap(self, a: int, b: int, doc_rows: dict, show) -> None:
+        """Rows before a declaration: blank lines are separators, doc-comment rows go with `doc_rows[row]`, other
+        comment rows with `show`."""
+        for r in range(a, b + 1):
+            if self.blank(r):
+                self.plan.pieces.append(Piece(self.off(r), self.off(r + 1), None, blank=True))
+            else:
+                self.plan.pieces.append(Piece(self.off(r), self.off(r + 1), doc_rows.get(r, show)))
+
+    def declaration(self, ch, pos: int, pending: list, needs: list[str], prefix: str) -> str:
+        p = self.plan
+        node, kind, name = _ts_unwrap(ch)
+        start = ch.start_point[0]
+        # The comments and attributes right above (no blank line between) belong to the declaration: attributes
+        # to its header, comments before the first attribute are its doc comment.
+        lead: list = []
+        row = start
+        for c in reversed(pending):
+            if _last_row(c) != row - 1:
+                break
+            lead.insert(0, c)
+            row = c.start_point[0]
+        attrs = [c for c in lead if c.type in _TS_ATTRIBUTES]
+        if attrs:
+            start = attrs[0].start_point[0]
+            lead = [c for c in lead if c.end_point[0] < start]
+        qual = f"{prefix}{name}" if name else f"{prefix}L{start + 1}"
+        key = f"{qual}@{start + 1}"
+        tier = T_IMPORT if ch.type in _TS_IMPORTS else (T_STMT if kind == "stmt" else T_HEADER)
+        sig = p.item(key, tier, needs)
+        com = p.item(key + ".com", T_COMMENT, [sig])
+        doc = p.item(key + ".doc", T_DOC, [sig]) if lead else None
+        doc_rows = {r: _has(doc) for c in lead for r in range(c.start_point[0], _last_row(c) + 1)}
+        self.gap(pos, start - 1, doc_rows, _has(com))
+        end = _last_row(ch)
+        unit_text = self.text[self.off(start): self.off(end + 1)]
+        unit_items = [sig] + ([doc] if doc else [])
+        split = self.split(node, kind, end)
+        if split is None:
+            self.rows(start, end, _has(sig))
+            p.units.append(CodeUnit(name, qual, unit_text, unit_items, kind if kind in ("def", "stmt") else "class"))
+            return sig
+        hdr_end, inner, close = split
+        self.rows(start, hdr_end, _has(sig))
+        first_inner = inner[0].start_point[0]
+        ind = self.indent(first_inner) or self.indent(start) + "    "
+        literal = f"{ind}{self.PLACEHOLDER}\n"
+        if kind == "def":
+            full = p.item(key + ".body", T_BODY, unit_items)
+            p.pieces.append(Piece(0, 0, Placeholder(sig, (full,)), literal=literal))
+            self.rows(hdr_end + 1, close - 1, _has(full))
+            unit_items = unit_items + [full]
+        else:
+            at = len(p.pieces)
+            child_keys = self.region(inner, hdr_end + 1, close - 1, [sig], f"{qual}.")
+            p.pieces.insert(at, Piece(0, 0, Placeholder(sig, tuple(child_keys)), literal=literal))
+        self.rows(close, end, _has(sig))
+        p.units.append(CodeUnit(name, qual, unit_text, unit_items, "class" if kind != "def" else "def"))
+        return sig
+
+    def split(self, node, kind: str, end: int):
+        """(last header row, inner nodes, closing row) when the body's inner lines can be cut out cleanly, else
+        None (the declaration is kept or dropped whole)."""
+        if kind in ("def", "container"):
+            body = node.child_by_field_name("body")
+            inner = [c for c in body.children if c.type not in ("{", "}")]
+            hdr_end, close = body.start_point[0], _last_row(body)
+        elif kind == "preproc":
+            cond = node.child_by_field_name("name") or node.child_by_field_name("condition")
+            if cond is None:
+                return None
+            hdr_end, close = _last_row(cond), _last_row(node)
+            inner = [c for c in node.children if c.start_point[0] > hdr_end and c.type != "#endif"]
+            kind = "container"
+        else:
+            return None
+        if not inner or close != end or inner[0].start_point[0] <= hdr_end or _last_row(inner[-1]) >= close:
+            return None
+        return hdr_end, inner, close
+
+
+def _ts_plan(text: str, language: str) -> tuple["_Plan | None", str]:
+    """The plan of `text` in `language` (a `.h` that is not C is tried as C++), or None when tree-sitter is not
+    installed or the input does not parse cleanly (then the indentation/brace planner takes it)."""
+    for lang in ([language, "cpp"] if language == "c" else [language]):
+        parser = ts_parser(lang)
+        if parser is None:
+            return None, language
+        tree = parser.parse(text.encode("utf-8"))
+        if not tree.root_node.has_error:
+            return _TSPlanner(text, tree.root_node).build(), lang
+    return None, language
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _split_ident(text: str) -> str:
@@ -538,8 +808,15 @@ class CodeCompressor(Compressor):
             except (SyntaxError, ValueError, RecursionError):
                 if suffix in (".py", ".pyi"):
                     return _GenericPlanner(text, ".py").build(), "python-indent"
+        grammar = TS_LANGUAGES.get(suffix) or (suffix[1:] if suffix[1:] in _TS_GRAMMARS else None)
+        if grammar:
+            planned, grammar = _ts_plan(text, grammar)
+            if planned is not None:
+                return planned, grammar
         gp = _GenericPlanner(text, suffix)
-        return gp.build(), suffix.lstrip(".") or ("brace" if gp.brace else "indent")
+        shape = "brace" if gp.brace else "indent"
+        # A grammar's name means the output parses; input it could not parse is cut by the heuristics, and says so.
+        return gp.build(), (f"{grammar}-{shape}" if grammar else suffix.lstrip(".") or shape)
 
     # -- ranking ----------------------------------------------------------------------------------------------
     def relevance(self, units: list[CodeUnit], query: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -677,7 +954,7 @@ class CodeCompressor(Compressor):
             # Every statement alone is over the budget (one giant line): its head rather than nothing, for Python
             # only when the head still parses (the output of Python always does).
             cut, cut_kept = head(text, budget, tokenizer)
-            if lang != "python" or _parses(cut):
+            if _parses(cut, lang):
                 out, kept = cut, cut_kept
         info.update({"language": lang, "units": len(plan.units),
                      "named": [u.qualname for u, m in zip(plan.units, named) if m],
@@ -686,7 +963,12 @@ class CodeCompressor(Compressor):
         return Compressed(out, kept, info)
 
 
-def _parses(src: str) -> bool:
+def _parses(src: str, lang: str = "python") -> bool:
+    """Whether `src` parses in `lang` (Python by `ast`, the tree-sitter grammars by theirs; others: no check)."""
+    if lang in _TS_GRAMMARS:
+        return ts_parses(src, lang)
+    if lang != "python":
+        return True
     try:
         ast.parse(src)
         return True

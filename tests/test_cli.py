@@ -178,7 +178,7 @@ def test_count_fail_if_over(files, story_text):
     (["count", "bin.dat"], None, "binary"),
     (["count", "latin.txt"], None, "--encoding latin-1"),
     (["count", "story.txt", "-t", "nosuch"], None, "unknown tokenizer"),
-    (["count", "-t", "o200k"], "hi", "needs a download"),
+    (["count", "-t", "p50k_base"], "hi", "needs a download"),
     (["count", "-0"], b"nope.txt\0", "no such file"),
 ])
 def test_count_bad_input(files, args, stdin, words):

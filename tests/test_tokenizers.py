@@ -16,7 +16,7 @@ def test_special_token_text_is_counted_as_text():
     assert tok.count("<|endoftext|>") > 1
 
 
-@pytest.mark.parametrize("name", ["o200k", "gpt2", "nonsense", "hf:/no/such/dir"])
+@pytest.mark.parametrize("name", ["p50k_base", "gpt2", "nonsense", "hf:/no/such/dir"])
 def test_unavailable_tokenizers_name_the_alternatives(name):
     with pytest.raises(TokenizerError) as err:
         get_tokenizer(name)
