@@ -136,22 +136,12 @@ def coerce_option(cls: type, name: str, value):
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return value.lower() in ("1", "true", "yes", "on")
             raise ValueError
-        if ann is int:
-            if isinstance(value, bool):
+        if ann in (int, float):
+            # bool is an int to Python but never a number here; an int is a float, a float is not an int.
+            numeric = (int,) if ann is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, (str, *numeric)):
                 raise ValueError
-            if isinstance(value, int):
-                return value
-            if isinstance(value, str):
-                return int(value)
-            raise ValueError
-        if ann is float:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                return float(value)
-            raise ValueError
+            return ann(value)
         if ann is str:
             if isinstance(value, str):
                 return value

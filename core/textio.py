@@ -77,5 +77,5 @@ def read_text(path: str | Path | None, encoding: str | None = None, stdin=None, 
         source = str(p)
     text = decode_bytes(data, source, encoding)
     if not allow_empty and not text.strip():
-        raise InputError(f"{source} is empty", "give some text to compress")
+        raise InputError(f"{source} is empty", "give it some text")
     return text
