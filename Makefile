@@ -40,6 +40,7 @@ bench-all: bench
 	$(BIN)/python bench/bench_cartridges.py
 	$(BIN)/python bench/bench_code.py
 	$(BIN)/python bench/bench_abstractive.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

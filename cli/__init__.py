@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import typer
 
 # Each module registers its commands on `app` when imported; heavy imports stay inside the commands.
-from . import batch, cache, compress, config, evaluate, index, pack  # noqa: E402,F401  (they register on `app`)
+from . import batch, cache, compress, config, evaluate, index, pack, serve  # noqa: E402,F401  (they register on `app`)
 
 
 def _polish_help(typer_app: "typer.Typer") -> None:

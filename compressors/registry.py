@@ -31,6 +31,7 @@ _SOURCE_TREE = {
     "abstractive": "ctxc.compressors.abstractive:AbstractiveCompressor",
     "code": "ctxc.compressors.code:CodeCompressor",
     "extractive": "ctxc.compressors.extractive:ExtractiveCompressor",
+    "json": "ctxc.compressors.structured:JsonCompressor",
     "retrieve": "ctxc.compressors.retrieve:RetrieveCompressor",
     "tokens": "ctxc.compressors.tokens:TokensCompressor",
     "truncate": "ctxc.compressors.truncate:TruncateCompressor",

@@ -110,3 +110,11 @@ def test_the_library_never_writes_the_environment():
             if needle in src and (mod not in allowed or allowed[mod] not in src):
                 found.append(f"{mod}: {needle}")
     assert not found, found
+
+
+def test_source_tree_method_table_is_pyproject_s():
+    """Running from a source tree, the registry reads its own copy of the entry-point table: it must not drift."""
+    from ctxc.compressors.registry import _SOURCE_TREE
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["ctxc.compressors"]
+    assert _SOURCE_TREE == declared
