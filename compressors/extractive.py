@@ -12,11 +12,11 @@ from ..document import Unit, split_units
 from ..retrievers.bm25 import tokenize_words
 from ..tokenizers import Tokenizer
 from .base import Compressed, SpanSelector
-from .relevance import SentenceScorer
+from .relevance import RelevanceOptions, SentenceScorer
 
 
 @dataclass
-class ExtractiveCompressor(SpanSelector):
+class ExtractiveCompressor(SpanSelector, RelevanceOptions):
     """Verbatim sentences chosen by query relevance (dense+BM25) or centrality, knapsack under the budget.
 
     Scores come from `ctxc.compressors.relevance.SentenceScorer` (see there: BM25 fused with dense similarity,
@@ -41,22 +41,13 @@ class ExtractiveCompressor(SpanSelector):
     prefilter: units embedded at most before their neighbours are added (query mode).
     mmr_lambda: relevance vs redundancy trade-off without a query (1 = no redundancy penalty).
     embedder: path to a sentence-transformers model (default: the bundled all-MiniLM-L6-v2).
+    attn_weight: query mode: weight of the local LM's early-layer attention to each sentence (method `attention`),
+        added to the sentence-level BM25+dense score; loads the LM. 0 = off (default: on the held-out QA third it
+        added nothing at 4x and cost one example at 10x, see bench/bench_attention.py).
     """
 
     name = "extractive"
-    dense_weight: float = 0.4
-    neighbor_weight: float = 0.35
-    paragraph_weight: float = 0.15
-    lead_weight: float = 0.1
-    redundancy: float = 0.6
-    answer_weight: float = 0.5
-    restate_penalty: float = 0.5
-    hop_weight: float = 0.3
     window_budget: int = 64
-    prefilter: int = 384
-    mmr_lambda: float = 0.7
-    embedder: str | None = None
-    max_embed_units: int = 1500
 
     def compress(self, text: str, budget: int, tokenizer: Tokenizer, query: str | None = None) -> Compressed:
         if query and query.strip() and 0 < budget <= self.window_budget:

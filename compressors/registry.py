@@ -29,6 +29,7 @@ _SPEC_HINT = "write stages as NAME or NAME@Nx joined by '+', e.g. extractive@3x+
 # table pyproject.toml declares.
 _SOURCE_TREE = {
     "abstractive": "ctxc.compressors.abstractive:AbstractiveCompressor",
+    "attention": "ctxc.compressors.attention:AttentionCompressor",
     "code": "ctxc.compressors.code:CodeCompressor",
     "extractive": "ctxc.compressors.extractive:ExtractiveCompressor",
     "json": "ctxc.compressors.structured:JsonCompressor",

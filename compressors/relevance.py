@@ -7,8 +7,11 @@ With a query: dense similarity (all-MiniLM-L6-v2 by default) fused with BM25 at 
 level, smoothed over neighbouring sentences (answers often sit next to the sentence that matches the question), with
 an MMR-style redundancy penalty and three question-answering priors (answer type, restatement, a second lexical hop
 through names found in the best sentences). Only the `prefilter` best BM25 units and their neighbours are embedded,
-so a 100k-token document costs about as much as a 10k-token one. Without a query: centrality (cosine to the
-document centroid) re-ranked by MMR so near-duplicates don't crowd out coverage, with a lead prior.
+so a 100k-token document costs about as much as a 10k-token one. Optionally (`attn_weight` > 0), the attention the
+local LM's question rows pay each sentence at an early layer (`ctxc.lm.readout`) is added to the
+sentence-level BM25+dense score, before the hop, paragraph, neighbour, prior and redundancy terms. Without a query:
+centrality (cosine to the document centroid) re-ranked by MMR so near-duplicates don't crowd out coverage, with a
+lead prior.
 """
 
 from __future__ import annotations
@@ -42,12 +45,8 @@ def unit_norm(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class SentenceScorer:
-    """Relevance of units (sentences, clauses, word runs) of a document; see the module docstring.
-
-    Parameters: those of `ctxc.compressors.extractive.ExtractiveCompressor` (its fields are passed through), plus
-    `settings` for the embedder's defaults.
-    """
+class RelevanceOptions:
+    """The scorer's options: `SentenceScorer` and `ExtractiveCompressor` share them (documented on the latter)."""
 
     dense_weight: float = 0.4
     neighbor_weight: float = 0.35
@@ -61,6 +60,17 @@ class SentenceScorer:
     mmr_lambda: float = 0.7
     embedder: str | None = None
     max_embed_units: int = 1500
+    attn_weight: float = 0.0
+
+
+@dataclass
+class SentenceScorer(RelevanceOptions):
+    """Relevance of units (sentences, clauses, word runs) of a document; see the module docstring.
+
+    Parameters: those of `ctxc.compressors.extractive.ExtractiveCompressor` (its fields are passed through), plus
+    `settings` for the embedder's defaults.
+    """
+
     settings: Settings | None = None
 
     def _embed(self, texts: list[str]) -> np.ndarray:
@@ -101,6 +111,11 @@ class SentenceScorer:
         sent_texts = [u.text(text) for u in sents]
         sent_bm25 = BM25(sent_texts)  # the second (multi-hop) pass below queries the same index
         sent_score = self._fused(sent_texts, query, q_vec, bm25=sent_bm25)
+        if self.attn_weight > 0:  # the local LM's early-layer attention (method `attention`), median -> 0, max -> 1
+            from ..lm.readout import sentence_attention
+
+            sent_score = sent_score + self.attn_weight * unit_norm(
+                sentence_attention(text, sents, query, settings=self.settings))
         para_ids = sorted({u.para for u in sents})
         if self.hop_weight > 0 and len(para_ids) > 1:
             from ._answer_type import bridge_terms

@@ -88,6 +88,8 @@ class TokensCompressor(Compressor):
     batch_tokens: tokens per forward batch.
     embedder: sentence-transformers folder for the sentence relevance (default: the `embedder` setting, else the
         bundled all-MiniLM-L6-v2).
+    attn_weight: weight of the local LM's early-layer attention in the sentence relevance (see `extractive`);
+        0 = off (default).
     """
 
     name = "tokens"
@@ -109,6 +111,7 @@ class TokensCompressor(Compressor):
     refine_margin: float = 1.5
     batch_tokens: int = 4096
     embedder: str | None = None
+    attn_weight: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.keep, str):
@@ -237,7 +240,7 @@ class TokensCompressor(Compressor):
 
         if len(sents) == 0:
             return
-        scorer = SentenceScorer(embedder=self.embedder, settings=self.settings)
+        scorer = SentenceScorer(embedder=self.embedder, attn_weight=self.attn_weight, settings=self.settings)
         r = np.clip(np.asarray(scorer.score(text, sents, query), dtype=np.float64), 0, None)
         r = r / r.max() if r.max() > 0 else r
         for k, (a, b) in enumerate(zip(sa, sb)):

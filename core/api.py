@@ -149,9 +149,10 @@ def count(text: str, tokenizer: "str | Tokenizer | None" = None, settings: Setti
 
 
 def retrieve(index, query: str, budget: "str | int | Budget" = "2k", mode: str = "hybrid", k: int | None = None,
-             tokenizer: "str | Tokenizer | None" = None, settings: Settings | None = None):
+             tokenizer: "str | Tokenizer | None" = None, rerank: str = "", settings: Settings | None = None):
     """The chunks of an index (a folder made by `build_index`, or an opened `ctxc.retrievers.index.Index`) that
     answer `query`, packed into `budget` tokens with citations (a `Packed`: `.text`, `.groups`, `.to_json()`).
+    `rerank="attention"` re-orders the best hits by the local LM's attention to them (off by default).
 
     >>> # ctxc.retrieve(".ctxc-index", "how are retries configured?", budget="2k").text
     """
@@ -166,7 +167,8 @@ def retrieve(index, query: str, budget: "str | int | Budget" = "2k", mode: str =
     if k is not None and k < 1:
         raise InputError(f"bad --k {k}", "give a positive number of chunks")
     idx = index if isinstance(index, Index) else Index.open(index, settings=settings)
-    return idx.retrieve(query, b.resolve(0), tokenizer=get_tokenizer(tokenizer, settings), mode=mode, k=k)
+    return idx.retrieve(query, b.resolve(0), tokenizer=get_tokenizer(tokenizer, settings), mode=mode, k=k,
+                        rerank=rerank)
 
 
 def build_index(paths, output, settings: Settings | None = None, **options):

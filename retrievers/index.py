@@ -43,6 +43,7 @@ from ..walk import display_path, walk
 from .bm25 import BM25, tokenize_words
 from .chunking import Chunk, chunk_text
 from .search import MODES, Packed, pack, rrf, top_ids
+from .search import rerank as search_rerank
 
 FORMAT = "ctxc-index"
 VERSION = 1
@@ -341,14 +342,21 @@ class Index:
         mode: str = "hybrid",
         k: int | None = None,
         pool: int = 100,
+        rerank: str = "",
+        rerank_k: int = 10,
     ) -> Packed:
-        """The best chunks for `query`, packed into at most `budget` tokens with citations (see `search.pack`)."""
+        """The best chunks for `query`, packed into at most `budget` tokens with citations (see `search.pack`).
+        `rerank="attention"` re-orders the best `rerank_k` by the local LM's attention (`search.rerank`; off by
+        default: it did not raise recall on the shared QA data)."""
         if not query or not query.strip():
             raise InputError("empty query", "give the question to retrieve for")
         t0 = time.perf_counter()
         tok = get_tokenizer(tokenizer)
         hits = self.search(query, mode, max(pool, k or 0))
-        packed = pack([(self.chunks[i], s) for i, s in hits], budget, tok, k=k)
+        chunk_hits = [(self.chunks[i], s) for i, s in hits]
+        if rerank:
+            chunk_hits = search_rerank(query, chunk_hits, rerank, rerank_k, settings=self.settings)
+        packed = pack(chunk_hits, budget, tok, k=k)
         packed.mode, packed.seconds = mode, time.perf_counter() - t0
         return packed
 
