@@ -32,6 +32,13 @@ BUDGETS = (1000, 2000, 4000)
 MODES = ("dense", "bm25", "hybrid")
 
 
+def context_of(r: dict) -> str:
+    if "context" in r:
+        return r["context"]
+    titles = r.get("titles") or [""] * len(r["contexts"])
+    return "\n\n".join(f"{t}\n{c}" if t else c for t, c in zip(titles, r["contexts"]))
+
+
 def materialise_qa(root: Path) -> tuple[list[dict], int]:
     """Write each distinct QA context to root/<set>/<doc>.txt (the index needs files); return the questions."""
     questions, written = [], 0
@@ -42,11 +49,7 @@ def materialise_qa(root: Path) -> tuple[list[dict], int]:
             if not line.strip():
                 continue
             r = json.loads(line)
-            if "context" in r:
-                ctx = r["context"]
-            else:
-                titles = r.get("titles") or [""] * len(r["contexts"])
-                ctx = "\n\n".join(f"{t}\n{c}" if t else c for t, c in zip(titles, r["contexts"]))
+            ctx = context_of(r)
             key = hashlib.sha256(ctx.encode()).hexdigest()[:16]
             f = d / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(r.get('doc_id') or r['id']))[:60]}-{key}.txt"
             if not f.exists():
@@ -67,7 +70,12 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=0, help="use the first N questions of each set (0 = all)")
     ap.add_argument("--fresh", action="store_true", help="delete the index first (time a full build)")
     ap.add_argument("--chunk-tokens", type=int, default=200)
+    ap.add_argument("--duplicates", action="store_true",
+                    help="instead: recall@1k/2k/4k (hybrid) on a corpus of the chosen questions' contexts plus the "
+                         "haystack, side by side with the same corpus holding a second copy of every context file")
     args = ap.parse_args()
+    if args.duplicates:
+        return duplicates(args)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ctxc.retrievers.index import Index, build_index
@@ -166,6 +174,61 @@ def main() -> None:
         print(f"| {s} | {counts[s]} | " + " | ".join(f"{by_set[(m, s)] / max(1, counts[s]):.3f}" for m in MODES) + " |")
     print(f"\nquery latency = Index.retrieve(q, 2k) with the index loaded (p50/p95 over {len(one['dense'])} "
           f"questions); dense/hybrid include embedding the query on one thread.")
+
+
+def duplicates(args) -> None:
+    """The same questions over a corpus and over the corpus with every QA file present twice (vendored copies, a
+    file under two names): packing must not spend the budget on the same text twice."""
+    import shutil
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ctxc.retrievers.index import Index, build_index
+
+    root = OUT / "retrieval-dups"
+    shutil.rmtree(root, ignore_errors=True)
+    all_q, _ = materialise_qa(root / "all")
+    per: dict[str, int] = {}
+    n_per = args.questions or 20
+    questions = [q for q in all_q if per.setdefault(q["set"], 0) < n_per and not per.update({q["set"]: per[q["set"]] + 1})]
+    base = root / "base" / "qa"  # only the chosen questions' contexts (plus the haystack as distractors)
+    src = {}
+    for line_set in QA_FILES:
+        for line in (SHARED / "qa" / f"{line_set}.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                src[r["id"]] = r
+    for q in questions:
+        r = src[q["id"]]
+        ctx = context_of(r)
+        (base / q["set"]).mkdir(parents=True, exist_ok=True)
+        (base / q["set"] / f"{hashlib.sha256(ctx.encode()).hexdigest()[:16]}.txt").write_text(ctx)
+    dup = root / "dup"
+    shutil.copytree(base, dup / "qa")
+    shutil.copytree(base, dup / "qa-copy")
+    print(f"# duplicate-files recall ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): {len(questions)} "
+          f"questions, {sum(1 for _ in base.rglob('*.txt'))} context files + the haystack", flush=True)
+    print("| corpus | files | chunks | " + " | ".join(f"recall@{b // 1000}k" for b in BUDGETS)
+          + " | distinct texts packed / chunks packed at 2k | build s |")
+    print("|---|---:|---:|" + "---:|" * len(BUDGETS) + "---:|---:|")
+    for name, folders in (("contexts + haystack", [base]), ("same, every context twice", [dup / "qa", dup / "qa-copy"])):
+        t0 = time.perf_counter()
+        build_index([SHARED / "haystack", *folders], root / f"index-{len(folders)}", chunk_tokens=args.chunk_tokens,
+                    overlap=32)
+        build_s = time.perf_counter() - t0
+        idx = Index.open(root / f"index-{len(folders)}")
+        hit = {b: 0 for b in BUDGETS}
+        distinct = packed = 0
+        for q in questions:
+            for b in BUDGETS:
+                res = idx.retrieve(q["question"], b, mode="hybrid")
+                hit[b] += answer_in(res.text, q["answers"])
+                if b == 2000:
+                    texts = [g.text for g in res.groups]
+                    distinct, packed = distinct + len(set(texts)), packed + len(texts)
+        info = idx.info()
+        print(f"| {name} | {info['files']} | {info['chunks']:,} | "
+              + " | ".join(f"{hit[b] / len(questions):.3f}" for b in BUDGETS)
+              + f" | {distinct}/{packed} | {build_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -604,15 +604,19 @@ def _build(paths, found, out: Path, chunk_tokens: int, overlap: int, embedder: s
     new_vecs = np.zeros((len(new_texts), dim), dtype=np.float32)
     t_emb, c_emb = time.perf_counter(), time.process_time()
     if new_texts:
-        order = np.argsort([-len(t) for t in new_texts], kind="stable")
+        # Each distinct text once: vendored copies and the same file under two paths cost nothing more.
+        distinct, where = np.unique(np.asarray(new_texts, dtype=object), return_inverse=True)
+        vecs = np.zeros((len(distinct), dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in distinct], kind="stable")
         step = max(batch_size * 4, 256)
         for lo in range(0, len(order), step):
             if progress:
                 progress("embed", lo, len(order))
             ids = order[lo : lo + step]
-            new_vecs[ids] = emb.encode([new_texts[i] for i in ids], batch_size=batch_size, persist=False)
+            vecs[ids] = emb.encode([distinct[i] for i in ids], batch_size=batch_size, persist=False)
         if progress:
             progress("embed", len(order), len(order))
+        new_vecs = vecs[where.reshape(-1)]
     report.embed_seconds = time.perf_counter() - t_emb
     report.embed_cpu_seconds = time.process_time() - c_emb
     old_vecs = None

@@ -57,3 +57,40 @@ def test_index_over_duplicate_files_packs_the_answer_once(tmp_path, sample_text,
         p.endswith("fema.txt") and "copy" not in p for p in paths + also), (paths, also)
     assert also, json.dumps(out)[:400]
     assert np.isfinite(out["chunks"][0]["score"])
+
+
+def test_duplicate_files_are_embedded_once(tmp_path, sample_text, embedder, monkeypatch):
+    """The copy's chunks get the original's vectors without a second forward: the embedder sees each text once."""
+    from ctxc.retrievers import embed as embed_mod
+    from ctxc.retrievers.index import Index
+
+    seen: list[str] = []
+    real = embed_mod.get_embedder
+
+    def spying_get_embedder(*a, **kw):
+        emb = real(*a, **kw)
+        encode = emb.encode
+
+        def encode_and_record(texts, **kw2):
+            seen.extend(texts)
+            return encode(texts, **kw2)
+
+        monkeypatch.setattr(emb, "encode", encode_and_record)
+        return emb
+
+    monkeypatch.setattr(embed_mod, "get_embedder", spying_get_embedder)
+    src = tmp_path / "docs"
+    (src / "vendor").mkdir(parents=True)
+    (src / "fema.txt").write_text(sample_text)
+    shutil.copy(src / "fema.txt", src / "vendor" / "fema.txt")
+    ctxc.build_index(str(src), str(tmp_path / "idx"))
+    idx = Index.open(tmp_path / "idx")
+    assert len(idx.chunks) >= 4 and len(seen) == len(idx.chunks) // 2 == len(set(seen))
+    vecs = idx.faiss_index.reconstruct_n(0, idx.faiss_index.ntotal)
+    by_text: dict[str, list[int]] = {}
+    for i, c in enumerate(idx.chunks):
+        by_text.setdefault(c.text, []).append(i)
+    pairs = [ids for ids in by_text.values() if len(ids) == 2]
+    assert len(pairs) == len(seen)
+    for i, j in pairs:
+        assert np.array_equal(vecs[i], vecs[j])
