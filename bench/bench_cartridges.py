@@ -3,7 +3,8 @@
 For each document (one prefill, reused for every setting; the cartridges are written to a throwaway store):
   - TTFT: `ask FILE` path (chunked prefill of the document + question, first token) vs `ask CARTRIDGE` path (read +
     sha256 check + dequantize + question forward, first token), both timed from the end of model loading;
-  - bytes per token of the stored file for none / int8 / int4 / SnapKV eviction (+ int4), and the ratio to fp16;
+  - bytes per token of the stored file for none / int8 / int4 / SnapKV and KVzip eviction (+ int4), and the ratio
+    to fp16 (KVzip's ragged cartridges decode through per-head masks: their TTFT includes that);
   - quality: mean NLL (nats/token) of each gold answer given the question, after the cartridge vs after the full
     prefill; the delta per setting is averaged over the document's questions.
 
@@ -30,7 +31,9 @@ DOCS = {
     "8k": ("leval_cuad", "leval_cuad-d05", 7900),
 }
 SETTINGS = [("none", None, "none"), ("int8", None, "int8"), ("int4", None, "int4"),
-            ("snapkv:0.5", "snapkv:0.5", "none"), ("snapkv:0.5+int4", "snapkv:0.5", "int4")]
+            ("snapkv:0.5", "snapkv:0.5", "none"), ("snapkv:0.5+int4", "snapkv:0.5", "int4"),
+            ("kvzip:0.5", "kvzip:0.5", "none"), ("kvzip:0.5+int4", "kvzip:0.5", "int4"),
+            ("kvzip:0.75+int4", "kvzip:0.75", "int4")]
 
 
 def load_doc(label: str, lm) -> tuple[str, list[dict]]:
@@ -103,7 +106,7 @@ def main() -> None:
                     g = engine.Generation(t0=time.perf_counter())
                     c = load(b.id, lm=lm, store=store)
                     for _ in engine.greedy(lm, c.cache, engine.question_ids(lm, qas[i % len(qas)]["question"]),
-                                           c.position, 1, g):
+                                           c.position, 1, g, valid=c.valid):
                         pass
                     ttfts.append(g.ttft)
                     load_s = c.seconds
@@ -112,9 +115,7 @@ def main() -> None:
                 for k, qa in enumerate(qas):
                     qi = engine.question_ids(lm, qa["question"])
                     ai = lm.tokenizer.encode(qa["answer"])
-                    nll = cached_target_nll(lm, c.cache, c.position, qi, ai)
-                    for layer in c.cache.layers:
-                        layer.keys, layer.values = layer.keys[..., :c.kept, :], layer.values[..., :c.kept, :]
+                    nll = engine.answer_nll(lm, c.cache, c.position, qi, ai, c.valid)  # ragged: per-head masks
                     nlls.append(nll)
                     deltas.append(nll - ref_nll[k])
                 ttft = statistics.median(ttfts)

@@ -1,6 +1,7 @@
-"""The on-disk cartridge format (version 1): a directory holding `manifest.json` and `kv.safetensors`.
+"""The on-disk cartridge format (versions 1 and 2): a directory holding `manifest.json` and `kv.safetensors`.
 
-`kv.safetensors` holds, per layer `i` (batch dimension dropped, shapes `[kv_heads, kept, head_dim]`):
+`kv.safetensors` holds, per layer `i` (batch dimension dropped), in the **dense** layout (version 1, and version 2
+with `layout: "dense"`; shapes `[kv_heads, kept, head_dim]`):
 
 - `layers.{i}.k`, `layers.{i}.v`: keys and values in the model's dtype (`quant: none`), or
 - `layers.{i}.k.codes|scale|zero`, `layers.{i}.v.codes|scale|zero`: group-wise int8 / packed int4 codes with fp16
@@ -9,16 +10,31 @@
   `key_group_tokens` tokens (`[kv_heads, head_dim, padded(/2)]`, the token axis padded to a whole group),
 - `layers.{i}.pos` (int32 `[kv_heads, kept]`, only with eviction): the original positions of the kept entries.
 
+In the **ragged** layout (version 2, `layout: "ragged"`, KVzip's head-wise budgets), every head keeps its own number
+of entries and nothing is padded:
+
+- `layers.{i}.keep` (uint8 `[kv_heads, ceil(tokens / 8)]`): a packed keep bitmap, bit `j % 8` of byte `j // 8` set
+  when entry `j` is kept (the bits past `tokens` are 0). Positions and per-head counts derive from it: `tokens / 8`
+  bytes per head instead of 4 bytes per kept entry for `pos`;
+- `layers.{i}.k`, `layers.{i}.v` (`[kept_i, head_dim]`): the kept entries of all heads, head-major, positions ascending
+  (`keys[keep]`), where `kept_i = evict.kept_per_layer[i]`; or quantized as above with the head axis dropped
+  (keys `[head_dim, padded(/2)]`, a key group may straddle two heads; values `[kept_i, head_dim(/2)]`).
+
 `manifest.json` (written last, so a directory without it is incomplete) records the format tag and version, the model
 and tokenizer fingerprints, the document hash, token counts, eviction/quantization parameters, byte sizes, the
 file's sha256 and every tensor's sha256, dtype and shape. Nothing is ever unpickled: tensors come from safetensors and
-metadata from JSON.
+metadata from JSON. A cartridge is written in the oldest version that can hold it (`CartridgeSettings.format_version`):
+version 1 for what version 1 could already express, so those ids stay as they were; version 2 for KVzip's ragged
+layout and for query-aware cartridges (`evict.query`). A reader of version 1 refuses version 2 as "newer".
 
 A manifest is never trusted as written. `check_manifest` validates it against a strict schema (types, ranges, closed
-choices, no unknown keys) and then checks that it is consistent with itself: the token counts with each other and
-with the eviction settings, the exact set of tensors, their shapes and dtypes with the counts and the quantization,
-the byte counts with the shapes, and the id with the content address recomputed from the fields that determine the
-tensors (`address`). A manifest that lies about any of these is refused with one line.
+choices, no unknown keys) and then checks that it is consistent with itself: the version with the layout, the token
+counts with each other and with the eviction settings (for a ragged cartridge: the per-layer counts with the exact
+global budget), the exact set of tensors, their shapes and dtypes with the counts and the quantization, the byte
+counts with the shapes, and the id with the content address recomputed from the fields that determine the tensors
+(`address`). A manifest that lies about any of these is refused with one line. Reading the tensors then checks what
+the manifest cannot: `pos` within the document, and every keep bitmap against its layer's count and the protected
+prefix.
 """
 
 from __future__ import annotations
@@ -31,11 +47,11 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, StringConstraints
 
-from ..errors import CacheError
+from ..errors import CacheError, CtxcError
 from ..schema import Hex32, Hex64, Label, Open, Strict, validate
 
 FORMAT_TAG = "ctxc-cartridge"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this ctxc reads and writes
 MANIFEST = "manifest.json"
 TENSORS = "kv.safetensors"
 FILES = (MANIFEST, TENSORS)
@@ -47,7 +63,7 @@ MAX_TOKENS = 10_000_000
 
 KV_DTYPES = ("bfloat16", "float16", "float32")
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int32": 4}
-_TENSOR_NAME = r"^layers\.\d{1,4}\.(?:k|v|pos|k\.codes|k\.scale|k\.zero|v\.codes|v\.scale|v\.zero)$"
+_TENSOR_NAME = r"^layers\.\d{1,4}\.(?:k|v|pos|keep|k\.codes|k\.scale|k\.zero|v\.codes|v\.scale|v\.zero)$"
 _Text = Annotated[str, StringConstraints(max_length=1 << 16)]
 _PathText = Annotated[str, StringConstraints(max_length=4096)]
 _Count = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
@@ -85,10 +101,29 @@ class PromptInfo(Strict):
 class SnapKVInfo(Strict):
     method: Literal["snapkv"]
     ratio: Annotated[float, Field(gt=0, lt=1)]
-    window: Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+    window: Annotated[int, Field(ge=1, le=MAX_TOKENS)]  # the voters: the document's last tokens, or the question's
     kernel: Annotated[int, Field(ge=1, le=1024)]
     pooling: Literal["avg"]
     protected_prefix_tokens: _Count
+    query: Optional[_Text] = None  # version 2: the question that voted (a query-aware cartridge)
+
+
+class KVzipInfo(Strict):
+    """KVzip eviction (version 2, ragged). Only `ratio`, `chunk` and `norm` vary; the rest names the one
+    configuration ctxc implements (issue 15), so that a later one cannot be mistaken for it."""
+
+    method: Literal["kvzip"]
+    ratio: Annotated[float, Field(gt=0, lt=1)]
+    budget: Literal["global"]
+    norm: Literal["head_max"]
+    chunk: Annotated[int, Field(ge=16, le=MAX_TOKENS)]
+    forward: Literal["local"]
+    agg: Literal["max"]
+    prompt: Literal["\n\nRepeat the previous context exactly."]
+    prompt_next: Literal["\n\nRepeat the part of the previous context exactly, starting with"]
+    lead_tokens: Literal[8]
+    protected_prefix_tokens: _Count
+    kept_per_layer: Annotated[list[Annotated[int, Field(ge=0, le=1 << 40)]], Field(min_length=1, max_length=1024)]
 
 
 class QuantNone(Strict):
@@ -132,7 +167,8 @@ class BuildInfo(Open):
 
 class Manifest(Strict):
     format: Literal["ctxc-cartridge"]
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
+    layout: Optional[Literal["dense", "ragged"]] = None  # version 2 only
     id: Hex32
     name: Optional[Label] = None
     named: Optional[float] = None
@@ -149,7 +185,7 @@ class Manifest(Strict):
     kv_heads: Annotated[int, Field(ge=1, le=1024)]
     head_dim: Annotated[int, Field(ge=2, le=4096)]
     kv_dtype: Literal[KV_DTYPES]
-    evict: Optional[SnapKVInfo] = None
+    evict: Optional[Union[SnapKVInfo, KVzipInfo]] = Field(default=None, discriminator="method")
     quant: Union[QuantNone, QuantInt] = Field(discriminator="method")
     settings: dict[Label, Union[Label, float, int]]
     settings_label: Label
@@ -181,17 +217,18 @@ def dtype_name(dtype) -> str:
 
 
 def address(model_fingerprint: str, tokenizer_fingerprint: str, dtype: str, document_sha: str, prefix: str,
-            style: str, settings: dict) -> str:
+            style: str, settings: dict, format_version: int = 1) -> str:
     """The content address of a cartridge: everything that determines its tensors, hashed. Used when building (to
     find an identical cartridge) and when reading one (to prove the id belongs to what the manifest describes)."""
-    key = {"format_version": FORMAT_VERSION, "model": model_fingerprint, "tokenizer": tokenizer_fingerprint,
+    key = {"format_version": format_version, "model": model_fingerprint, "tokenizer": tokenizer_fingerprint,
            "dtype": dtype, "document": document_sha, "template": [prefix, style], **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:ID_CHARS]
 
 
 def manifest_address(m: dict) -> str:
     return address(m["model"]["fingerprint"], m["tokenizer"]["fingerprint"], m["model"]["dtype"],
-                   m["document"]["sha256"], m["prompt"]["prefix"], m["prompt"]["style"], m["settings"])
+                   m["document"]["sha256"], m["prompt"]["prefix"], m["prompt"]["style"], m["settings"],
+                   m["format_version"])
 
 
 def store_fix(cid: str) -> str:
@@ -242,51 +279,56 @@ def check_manifest(m, cid: str, fix: str | None = None) -> None:
         raise CacheError(f"cartridge {short}: the manifest is inconsistent: {problem}", fix)
 
 
-def expected_kept(tokens: int, evict: SnapKVInfo | None, prefix_tokens: int) -> int:
-    """How many entries eviction keeps of `tokens` (the rule `engine.to_tensors` applies)."""
-    if evict is None:
-        return tokens
-    w = min(evict.window, tokens)
-    return max(tokens - int(tokens * evict.ratio), min(tokens, w + prefix_tokens))
-
-
 def expected_tensors(man: Manifest) -> dict[str, tuple[str, list[int]]]:
     """{name: (dtype, shape)} of every tensor a cartridge with these counts and settings must hold."""
-    H, D, kept, q = man.kv_heads, man.head_dim, man.kept_tokens, man.quant
+    H, D, q = man.kv_heads, man.head_dim, man.quant
+    ragged = man.layout == "ragged"
     out: dict[str, tuple[str, list[int]]] = {}
     for i in range(man.layers):
-        if man.evict is not None:
+        # a ragged layer is the dense one with the head axis dropped and its own number of entries
+        lead, kept = ([], man.evict.kept_per_layer[i]) if ragged else ([H], man.kept_tokens)
+        if ragged:
+            out[f"layers.{i}.keep"] = ("uint8", [H, math.ceil(man.tokens / 8)])
+        elif man.evict is not None:
             out[f"layers.{i}.pos"] = ("int32", [H, kept])
         if isinstance(q, QuantNone):
-            out[f"layers.{i}.k"] = (man.kv_dtype, [H, kept, D])
-            out[f"layers.{i}.v"] = (man.kv_dtype, [H, kept, D])
+            out[f"layers.{i}.k"] = (man.kv_dtype, lead + [kept, D])
+            out[f"layers.{i}.v"] = (man.kv_dtype, lead + [kept, D])
             continue
         per_byte = 2 if q.bits == 4 else 1
         for name in ("k", "v"):
             if name == "k" and q.key_axis == "channel":
                 g = q.group_size
-                padded = math.ceil(kept / g) * g
-                lead, width = [H, D], padded
+                rows, width = [D], math.ceil(kept / g) * g
             else:
                 g = min(q.group_size, D)
-                lead, width = [H, kept], D
-            out[f"layers.{i}.{name}.codes"] = ("uint8", lead + [width // per_byte])
-            out[f"layers.{i}.{name}.scale"] = ("float16", lead + [width // g])
-            out[f"layers.{i}.{name}.zero"] = ("float16", lead + [width // g])
+                rows, width = [kept], D
+            out[f"layers.{i}.{name}.codes"] = ("uint8", lead + rows + [width // per_byte])
+            out[f"layers.{i}.{name}.scale"] = ("float16", lead + rows + [width // g])
+            out[f"layers.{i}.{name}.zero"] = ("float16", lead + rows + [width // g])
     return out
 
 
-def _inconsistency(man: Manifest, m: dict) -> str | None:
+def _settings(man: Manifest):
+    """The build settings the manifest's eviction and quantization fields describe (InputError if impossible)."""
     from .engine import CartridgeSettings
+
+    q, ev = man.quant, man.evict
+    kw: dict = {"group_size": q.group_size, "key_axis": q.key_axis} if isinstance(q, QuantInt) else {}
+    if ev is None:
+        return CartridgeSettings.parse(None, q.method, **kw)
+    if isinstance(ev, KVzipInfo):
+        return CartridgeSettings.parse(f"kvzip:{ev.ratio!r}", q.method, chunk=ev.chunk, norm=ev.norm, **kw)
+    s = CartridgeSettings.parse(f"snapkv:{ev.ratio!r}", q.method, window=ev.window, query=ev.query, **kw)
+    s.kernel = ev.kernel
+    return s
+
+
+def _inconsistency(man: Manifest, m: dict) -> str | None:
+    from .engine import kept_count, protected_tokens
 
     if man.doc_tokens + man.prompt.prefix_tokens != man.tokens:
         return f"doc_tokens {man.doc_tokens} + prefix_tokens {man.prompt.prefix_tokens} != tokens {man.tokens}"
-    want_kept = expected_kept(man.tokens, man.evict, man.prompt.prefix_tokens)
-    if man.kept_tokens != want_kept:
-        return f"kept_tokens {man.kept_tokens} does not follow from {man.tokens} tokens and the eviction settings " \
-               f"({want_kept})"
-    if man.evict is not None and man.evict.protected_prefix_tokens != man.prompt.prefix_tokens:
-        return "evict.protected_prefix_tokens differs from prompt.prefix_tokens"
     q = man.quant
     if isinstance(q, QuantInt):
         if q.bits != (8 if q.method == "int8" else 4):
@@ -301,20 +343,36 @@ def _inconsistency(man: Manifest, m: dict) -> str | None:
     if man.kv_dtype != man.model.dtype:
         return f"kv_dtype {man.kv_dtype} differs from the model dtype {man.model.dtype}"
     try:
-        settings = CartridgeSettings.parse(
-            f"snapkv:{man.evict.ratio!r}" if man.evict else None, q.method,
-            window=man.evict.window if man.evict else CartridgeSettings.window,
-            group_size=q.group_size if isinstance(q, QuantInt) else CartridgeSettings.group_size,
-            key_axis=q.key_axis if isinstance(q, QuantInt) else "channel")
-    except CacheError as err:
+        settings = _settings(man)
+    except CtxcError as err:  # an InputError from a bad value
         return err.message
-    except Exception as err:  # InputError from a bad value
-        return getattr(err, "message", str(err))
+    if man.format_version != settings.format_version:
+        return f"format_version {man.format_version} does not fit its settings (version {settings.format_version})"
+    if man.layout != (None if man.format_version == 1 else settings.layout):
+        return f"layout {man.layout!r} does not fit format version {man.format_version} and its settings"
+    want_kept = kept_count(man.tokens, settings, man.prompt.prefix_tokens)
+    if man.kept_tokens != want_kept:
+        return f"kept_tokens {man.kept_tokens} does not follow from {man.tokens} tokens and the eviction settings " \
+               f"({want_kept})"
     if man.evict is not None:
-        settings.kernel = man.evict.kernel
-    if m["settings"] != settings.key():
+        want = protected_tokens(man.prompt.prefix_tokens) if settings.evict == "kvzip" else man.prompt.prefix_tokens
+        if man.evict.protected_prefix_tokens != want:
+            return "evict.protected_prefix_tokens differs from prompt.prefix_tokens"
+    if isinstance(man.evict, KVzipInfo):
+        per = man.evict.kept_per_layer
+        low, high = man.kv_heads * man.evict.protected_prefix_tokens, man.kv_heads * man.tokens
+        if len(per) != man.layers:
+            return f"evict.kept_per_layer has {len(per)} layers, the cartridge {man.layers}"
+        bad = next((i for i, n in enumerate(per) if not low <= n <= high), None)
+        if bad is not None:
+            return f"evict.kept_per_layer[{bad}] = {per[bad]} is outside [{low}, {high}]"
+        if sum(per) != man.layers * man.kv_heads * man.kept_tokens:  # the global budget is exact
+            return f"evict.kept_per_layer sums to {sum(per)}, not layers x kv_heads x kept_tokens " \
+                   f"({man.layers * man.kv_heads * man.kept_tokens})"
+    want_settings, want_label = settings.key(), settings.label()
+    if m["settings"] != want_settings:
         return "settings do not match the eviction and quantization fields"
-    if man.settings_label != settings.label():
+    if man.settings_label != want_label:
         return "settings_label does not match the settings"
     want = expected_tensors(man)
     have = {k: (t.dtype, list(t.shape)) for k, t in man.tensors.items()}
@@ -376,4 +434,26 @@ def read_tensor_file(directory: Path, m: dict, cid: str, deep: bool = False, fix
         for name, t in tensors.items():
             if name.endswith(".pos") and t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
                 raise CacheError(f"cartridge {short}: {name} points outside the document's {n} positions", fix)
+    if m.get("layout") == "ragged":
+        problem = keep_problem(tensors, m)
+        if problem:
+            raise CacheError(f"cartridge {short}: {problem}", fix)
     return tensors
+
+
+def keep_problem(tensors: dict, m: dict) -> str | None:
+    """What is wrong with a ragged cartridge's keep bitmaps (checked against the manifest, which was checked against
+    itself), or None: every layer keeps as many entries as `kept_per_layer` says (the rows of its K/V), every head
+    its protected prefix, and no bit is set past the document. Cheap next to a load, and the rebuild relies on it."""
+    from .engine import unpack_bits
+
+    S, protect = m["tokens"], m["evict"]["protected_prefix_tokens"]
+    for i, want in enumerate(m["evict"]["kept_per_layer"]):
+        bits = unpack_bits(tensors[f"layers.{i}.keep"])
+        if int(bits.sum()) != want:
+            return f"layers.{i}.keep marks {int(bits.sum())} entries, the manifest {want}"
+        if bits[:, S:].any():
+            return f"layers.{i}.keep marks entries past the document's {S} tokens"
+        if not bits[:, :protect].all():
+            return f"layers.{i}.keep drops entries of the protected template prefix"
+    return None

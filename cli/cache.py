@@ -1,4 +1,4 @@
-"""`ctxc cache build|ls|show|rm|verify|gc|export|import` and `ctxc ask`: KV cartridges from the command line."""
+"""`ctxc cache build|eval|ls|show|rm|verify|gc|export|import` and `ctxc ask`: KV cartridges from the command line."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _age(ts: float | None) -> str:
 def build_cmd(
     ctx: typer.Context,
     paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATH", show_default=False, help="Text files, or folders (one cartridge per text file inside).")] = None,
-    evict: Annotated[str, typer.Option("--evict", metavar="POLICY", help="none, or snapkv:RATIO (fraction of KV entries removed).")] = "none",
+    evict: Annotated[str, typer.Option("--evict", metavar="POLICY", help="none; kvzip:RATIO (the default method: query-agnostic, head-wise budgets); snapkv:RATIO (the last --window tokens vote); or a bare RATIO. RATIO is the fraction of KV entries removed.")] = "none",
+    query: o.Query = None,
     quant: Annotated[Quant, typer.Option("--quant", help="Store keys/values as is, or group-wise int8 / int4.")] = Quant.none,
     name: Annotated[Optional[str], typer.Option("--name", metavar="NAME", help="Label for `ctxc ask --name NAME` (default: the file name; one file only).")] = None,
     model: o.Model = None,
@@ -74,7 +75,8 @@ def build_cmd(
     \b
     Examples:
       ctxc cache build report.txt
-      ctxc cache build report.txt --evict snapkv:0.5 --quant int4 --name report-small
+      ctxc cache build report.txt --evict kvzip:0.5 --quant int4 --name report-small
+      ctxc cache build report.txt -q "Who signed it?"      (query-aware: the question votes)
       ctxc cache build docs/ -i '*.md' --quant int8 -f jsonl
     """
     from ..cache_store.cartridge import build
@@ -88,7 +90,8 @@ def build_cmd(
 
     settings = settings_of(ctx, model=model, encoding=encoding, include=include or None, exclude=exclude or None)
     # bad options fail before the model loads
-    CartridgeSettings.parse(evict, quant.value, window=window, group_size=group_size, key_axis=key_axis.value)
+    CartridgeSettings.parse(evict, quant.value, window=window, group_size=group_size, key_axis=key_axis.value,
+                            query=query)
     files = input_paths(paths, null)
     if files is None:
         raise InputError("cache build needs files (a cartridge is found again by its file)",
@@ -131,7 +134,7 @@ def build_cmd(
 
             r = build(text, lm=lm, evict=evict, quant=quant.value, name=label, source=f, store=store,
                       chunk_size=chunk_size, window=window, group_size=group_size, progress=step,
-                      key_axis=key_axis.value, settings=settings)
+                      key_axis=key_axis.value, query=query, settings=settings)
             done = start + n
             rec = _record(r.manifest, r.path, str(f), bytes=Entry(r.id, r.path, None).bytes, reused=r.reused,
                           seconds=r.seconds)
@@ -168,6 +171,92 @@ def _record(m: dict | None, path: Path, document: str | None, **extra) -> dict:
     for k, v in extra.items():
         rec[k] = rounded(v) if k == "seconds" else (iso(v) if k == "last_used" else v)
     return rec
+
+
+@cache_app.command("eval")
+@handle_errors
+def eval_cmd(
+    ctx: typer.Context,
+    target: Annotated[Optional[str], typer.Argument(metavar="DOC_OR_CARTRIDGE", help="The document file, or a stored cartridge (id, unique id prefix or name; its document must still be where it was built from); optional when every question carries its own \"context\".")] = None,
+    qa: Annotated[Optional[str], typer.Option("--qa", "--questions", "-Q", metavar="FILE.jsonl", help="JSONL: {\"question\", \"answers\" | \"answer\", optional \"context\" or \"contexts\", \"id\"}; one file may carry several documents.")] = None,
+    evaluate: Annotated[Optional[str], typer.Option("--settings", metavar="LIST", help="Comma-separated EVICT+QUANT settings, e.g. none,int8,int4,kvzip:0.5,kvzip:0.5+int4,snapkv:0.5 (default for a document: none,int8,int4,kvzip:0.5,kvzip:0.75,kvzip:0.5+int4; for a cartridge: itself).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, metavar="N", help="Use only the first N questions.")] = None,
+    no_generate: Annotated[bool, typer.Option("--no-generate", help="Skip the greedy answers and exact match (answer NLL only; faster).")] = False,
+    model: o.Model = None,
+    encoding: o.Encoding = None,
+    fmt: o.OutputFormat = o.Format.text,
+    progress: o.Progress = True,
+):
+    """Measure what cartridge settings cost on your own questions, against the full prefill.
+
+    Per setting: the answer NLL after the question with the cartridge vs with the full prefill (nats/token; the
+    delta, how many answers got worse, and by more than 0.1), greedy exact match, kept tokens and bytes per token.
+    Each document is prefilled once and reused for every setting; nothing is added to the store.
+    json: {"summary": [one row per setting], "answers": [per question and setting], "skipped", ...};
+    jsonl: one summary row per line.
+
+    \b
+    Examples:
+      ctxc cache eval report.txt --qa questions.jsonl
+      ctxc cache eval report.txt --qa questions.jsonl --settings int4,kvzip:0.5,kvzip:0.75,snapkv:0.5 -f json
+      ctxc cache eval --qa ../data/qa/leval_qasper.jsonl --limit 4 --settings kvzip:0.5
+      ctxc cache eval report-small --qa questions.jsonl        (a stored cartridge, as it is)
+    """
+    from ..apps.evaluate import load_questions
+    from ..cache_store.cartridge import eval_cartridge
+    from ..cache_store.engine import parse_setting
+    from ..errors import InputError
+    from ..terminal import printable
+
+    settings = settings_of(ctx, model=model, encoding=encoding)
+    if qa is None:
+        raise InputError("cache eval needs questions", "ctxc cache eval report.txt --qa questions.jsonl")
+    wanted = None
+    if evaluate is not None:
+        wanted = [x.strip() for x in evaluate.split(",") if x.strip()]
+        if not wanted:
+            raise InputError("--settings is empty", "e.g. --settings int4,kvzip:0.5")
+        for w in wanted:  # bad settings fail before the model loads
+            parse_setting(w)
+    questions = [{"id": q.id, "question": q.question, "answers": q.answers, "context": q.context}
+                 for q in load_questions(qa, limit)]
+    with activity(progress, "cache eval") as bar:
+        res = eval_cartridge(target, questions, evaluate=wanted, generate=not no_generate, source=qa,
+                             encoding=settings.encoding, progress=bar, settings=settings)
+    out = res.to_json()
+    if target is not None:
+        out["path"] = str(target)
+    out["qa"] = qa
+    if fmt is o.Format.json:
+        emit_json(out)
+    elif fmt is o.Format.jsonl:
+        for row in res.summary:
+            emit_json(row)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_edge=False, box=None)
+        for col in ("setting", "kept", "B/token", "vs fp16", "NLL", "ΔNLL", "worse", ">0.1", "EM"):
+            table.add_column(col, justify="left" if col == "setting" else "right")
+        for r in res.summary:
+            em = "-" if r["exact_match"] is None else f"{r['exact_match']}/{r['questions']}"
+            table.add_row(printable(r["setting"]), f"{r['kept_tokens'] / r['tokens']:.0%}",
+                          f"{r['bytes_per_token']:,.0f}", f"{r['vs_fp16']:.3f}", f"{r['nll']:.3f}",
+                          f"{r['nll_delta']:+.3f}", f"{r['worse']}/{r['questions']}",
+                          f"{r['much_worse']}/{r['questions']}", em)
+        Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160).print(table)
+        if res.summary:
+            r = res.summary[0]
+            em = "" if r["exact_match_full"] is None else f", exact match {r['exact_match_full']}/{r['questions']}"
+            typer.echo(f"full prefill: answer NLL {r['nll_full']:.3f}{em}; {res.questions} question(s) on "
+                       f"{res.documents} document(s), {res.tokens:,} model tokens")
+    console = err_console()
+    if res.skipped:
+        shown = "; ".join(f"{s['path']}: {s['reason']}" for s in res.skipped[:5])
+        console.print(printable(f"skipped {len(res.skipped)} question(s): {shown}"), markup=False)
+    console.print(f"prefill {res.prefill_seconds:.1f} s, eviction scores {res.score_seconds:.1f} s, "
+                  f"{res.seconds:.1f} s in all", markup=False)
 
 
 @cache_app.command("ls")

@@ -104,11 +104,13 @@ def _triton_kernels():
         tl.store(lse_ptr + bh * W + w, m_i + tl.log(l_i), mask=wmask)
 
     @triton.jit
-    def _votes_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, S, W, N, scale, inv_count,
-                      sq_b, sq_h, sq_w, sk_b, sk_h, sk_s,
-                      HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                      BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
-        # One program per (batch, KV head, block of prefix keys): sum exp(s - lse) over window queries and group heads.
+    def _reduce_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, W, N, scale, post,
+                       sq_b, sq_h, sq_w, sk_b, sk_h, sk_s,
+                       HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                       BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, USE_MAX: tl.constexpr):
+        # One program per (batch, KV head, block of the first N keys): the sum (SnapKV's votes) or the max (KVzip's
+        # scores) of exp(s - lse) over the W queries and the group's heads, times `post`. Every one of those keys is
+        # visible to every query (they precede the queries), so there is no causal mask here.
         bg = tl.program_id(0)
         b = bg // HKV
         kv = bg % HKV
@@ -125,15 +127,16 @@ def _triton_kernels():
                 wmask = w < W
                 q = tl.load(q_ptr + b * sq_b + h * sq_h + w[:, None] * sq_w + d[None, :], mask=wmask[:, None],
                             other=0.0).to(tl.float32)
-                lse = tl.load(lse_ptr + (b * HKV * GROUP + h) * W + w, mask=wmask, other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale
-                # Every prefix key (n < S - W) is visible to every window query, so no causal mask here.
-                p = tl.exp(s - lse[:, None])
+                lse = tl.load(lse_ptr + (b * HKV * GROUP + h) * W + w, mask=wmask, other=float("inf"))
+                p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
                 p = tl.where(wmask[:, None] & nmask[None, :], p, 0.0)
-                acc += tl.sum(p, axis=0)
-        tl.store(out_ptr + bg * N + n, acc * inv_count, mask=nmask)
+                if USE_MAX:
+                    acc = tl.maximum(acc, tl.max(p, axis=0))
+                else:
+                    acc += tl.sum(p, axis=0)
+        tl.store(out_ptr + bg * N + n, acc * post, mask=nmask)
 
-    _KERNELS.update(lse=_lse_kernel, votes=_votes_kernel, cdiv=triton.cdiv)
+    _KERNELS.update(lse=_lse_kernel, reduce=_reduce_kernel, cdiv=triton.cdiv)
     return _KERNELS
 
 
@@ -162,8 +165,9 @@ def snapkv_votes_triton(queries, keys, scale: float | None = None):
     k["lse"][(B * Hq, k["cdiv"](W, BLOCK_W))](q, kk, lse, S, W, scale, *strides,
                                               HQ=Hq, GROUP=group, D=D, BLOCK_W=BLOCK_W, BLOCK_N=BLOCK_N)
     if N:
-        k["votes"][(B * Hkv, k["cdiv"](N, BLOCK_N))](q, kk, lse, out, S, W, N, scale, 1.0 / (group * W), *strides,
-                                                     HKV=Hkv, GROUP=group, D=D, BLOCK_W=BLOCK_W, BLOCK_N=BLOCK_N)
+        k["reduce"][(B * Hkv, k["cdiv"](N, BLOCK_N))](q, kk, lse, out, W, N, scale, 1.0 / (group * W), *strides,
+                                                      HKV=Hkv, GROUP=group, D=D, BLOCK_W=BLOCK_W, BLOCK_N=BLOCK_N,
+                                                      USE_MAX=False)
     return out
 
 

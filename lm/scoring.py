@@ -163,10 +163,11 @@ def target_nll(lm: "LoadedModel", contexts: list[list[int]], target: list[int], 
 
 
 def cached_target_nll(lm: "LoadedModel", cache, position: int, prompt_ids: list[int], target: list[int],
-                      kernels: str | None = None) -> float:
+                      kernels: str | None = None, forward_kwargs: dict | None = None) -> float:
     """Mean NLL (nats/token) of `target` after a KV cache that stands for `position` tokens, then `prompt_ids`
     (teacher forcing; a transformers model). The cartridge benchmark and `ctxc cache eval` compare this with a
-    cartridge against the same with a fresh prefill."""
+    cartridge against the same with a fresh prefill. `forward_kwargs` reach the model's attention functions (a
+    ragged cartridge's per-head masks)."""
     import torch
 
     from ..kernels.token_nll import token_nll
@@ -179,7 +180,8 @@ def cached_target_nll(lm: "LoadedModel", cache, position: int, prompt_ids: list[
     p = torch.arange(position, position + len(ids), device=lm.device)[None]
     kw = cache_kwarg(base)
     with torch.inference_mode():
-        hidden = base(input_ids=x, position_ids=p, use_cache=True, **{kw: cache}).last_hidden_state[0]
+        hidden = base(input_ids=x, position_ids=p, use_cache=True, **{kw: cache}, **(forward_kwargs or {})) \
+            .last_hidden_state[0]
         rows = hidden[len(prompt_ids) - 1 : len(ids) - 1]
         nll = token_nll(rows, head.weight, torch.tensor(target, device=lm.device), getattr(head, "bias", None),
                         backend=kernels)

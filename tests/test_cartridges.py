@@ -493,3 +493,331 @@ def test_cli_bad_input(store, tmp_path):
     _fails(_cli("cache", "gc", "--max-size", "lots"), "size")
     (tmp_path / "bad.tar").write_bytes(b"junk" * 100)
     _fails(_cli("cache", "import", str(tmp_path / "bad.tar")), "not a tar")
+
+
+# ---------------------------------------------------------------- KVzip eviction, ragged format (issue 15)
+
+
+@pytest.fixture(scope="module")
+def kv_pre(lm, doc):
+    """`doc` prefilled once, with its KVzip scores: every build below reuses them (as `cache eval` does)."""
+    from ctxc.cache_store.cartridge import eviction_scores, prefill_document
+
+    pre = prefill_document(doc, lm=lm, window=0)
+    eviction_scores(lm, pre, engine.CartridgeSettings.parse("kvzip:0.5"))
+    return pre
+
+
+def test_pack_bits_roundtrip():
+    g = torch.Generator().manual_seed(1)
+    for S in (1, 7, 8, 9, 1003):
+        m = torch.rand(3, S, generator=g) > 0.4
+        p = engine.pack_bits(m)
+        assert p.dtype == torch.uint8 and p.shape == (3, (S + 7) // 8)
+        assert torch.equal(engine.unpack_bits(p, S), m)
+        assert not engine.unpack_bits(p)[:, S:].any()  # the bits past the end stay 0
+    assert engine.pack_bits(torch.tensor([True, False, False, True])).tolist() == [0b1001]  # little-endian bits
+
+
+def test_select_keep_is_one_global_budget_over_normalised_heads():
+    g = torch.Generator().manual_seed(2)
+    L, H, S, npf = 4, 3, 200, 10
+    s = torch.rand(L, H, S, generator=g) ** 4
+    s[:, :, :npf] = float("inf")
+    for ratio in (0.5, 0.75, 0.9):
+        keep = engine.select_keep(s, ratio, npf)
+        assert int(keep.sum()) == L * H * (S - int(S * ratio))  # exactly a uniform budget's entries
+        assert keep[:, :, :npf].all()
+        assert len(set(keep.sum(-1).flatten().tolist())) > 3  # but spread unevenly over the heads
+        # every head's scores are divided by its maximum: scaling one head changes nothing ...
+        scaled = s.clone()
+        scaled[1, 2, npf:] *= 1e-3
+        assert torch.equal(engine.select_keep(scaled, ratio, npf), keep)
+    # ... and within a head the best-scored entries are the ones kept
+    keep = engine.select_keep(s, 0.5, npf)
+    for i, h in ((0, 0), (3, 2)):
+        kept, dropped = s[i, h, npf:][keep[i, h, npf:]], s[i, h, npf:][~keep[i, h, npf:]]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()
+
+
+def test_kvzip_scores_cover_every_entry_and_leave_the_cache(lm, kv_pre):
+    sc = kv_pre.scores[("kvzip", engine.DEFAULT_RECON_CHUNK)]
+    layers, kv_heads = lm.model.config.num_hidden_layers, lm.model.config.num_key_value_heads
+    assert sc.shape == (layers, kv_heads, len(kv_pre.ids))
+    assert torch.isinf(sc[:, :, :kv_pre.n_prefix]).all()
+    doc_sc = sc[:, :, kv_pre.n_prefix:]
+    # probabilities, up to the bf16 rounding of q.k in the fused scoring (1-2 % relative)
+    assert (doc_sc > 0).all() and (doc_sc <= 1.05).all() and doc_sc.max() > 0.5
+    fresh, _ = _fresh_layers(lm, kv_pre.text)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(engine.cache_layers(kv_pre.cache), fresh)), "the scoring pass changed the cache"
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_kvzip_cartridge_roundtrip(lm, store, doc, kv_pre, quant):
+    built = build(doc, lm=lm, store=store, evict="kvzip:0.5", quant=quant, prefilled=kv_pre)
+    m = built.manifest
+    n, L, H, D = m["tokens"], m["layers"], m["kv_heads"], m["head_dim"]
+    assert (m["format_version"], m["layout"], m["settings_label"]) == (2, "ragged", f"kvzip:0.5+{quant}")
+    ev = m["evict"]
+    assert ev["method"] == "kvzip" and ev["ratio"] == 0.5 and ev["norm"] == "head_max" and ev["chunk"] == 512
+    assert m["kept_tokens"] == n - int(n * 0.5) and sum(ev["kept_per_layer"]) == L * H * m["kept_tokens"]
+    assert len(set(ev["kept_per_layer"])) > L // 2  # head-wise budgets: layers keep different shares
+    from safetensors.torch import load_file
+
+    t = load_file(str(built.path / TENSORS))
+    keep = torch.stack([engine.unpack_bits(t[f"layers.{i}.keep"], n) for i in range(L)])
+    assert keep.sum().item() == sum(ev["kept_per_layer"]) and keep[:, :, :kv_pre.n_prefix].all()
+    # no padding in the file: its bytes follow the kept entries
+    ratio = m["bytes"]["per_token"] / m["bytes"]["fp16_per_token"]
+    if quant == "none":
+        assert sum(t[f"layers.{i}.k"].shape[0] for i in range(L)) == sum(ev["kept_per_layer"])
+        assert 0.5 <= ratio < 0.52  # + the keep bitmaps (1 bit per head and token) and the header
+    else:
+        assert ratio < 0.5 * 0.35
+    loaded = load(built.id, lm=lm, store=store)
+    assert loaded.valid is not None and loaded.position == n
+    fresh, _ = _fresh_layers(lm, doc)
+    for i, (k0, v0) in enumerate(fresh):
+        ok = loaded.valid[i]
+        assert torch.equal(ok.sum(-1), keep[i].sum(-1))
+        got_k, got_v = loaded.cache.layers[i].keys[0][ok], loaded.cache.layers[i].values[0][ok]
+        want_k, want_v = k0[0][keep[i]], v0[0][keep[i]]
+        if quant == "none":
+            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+        else:  # exactly the dense quantizer applied to the concatenated kept entries
+            q = engine.quantize_kv(want_k, 4, 64, True)
+            assert torch.equal(got_k, engine.dequantize_kv(q.codes, q.scale, q.zero, 4, 64, True, len(want_k), D,
+                                                           want_k.dtype))
+    r = ask(built.id, QUESTION, lm=lm, store=store, max_new_tokens=6)
+    assert r.stats["cache_tokens"] == m["kept_tokens"] and r.stats["new_tokens"] > 0
+    assert store.verify() == [(built.id, None)]
+
+
+def test_ragged_decode_equals_masked_full_cache(lm, story_text):
+    """In fp32 (exact up to reduction order): decoding from a ragged cartridge (each layer padded to its longest head,
+    the padding masked per KV head) equals the full cache with the evicted entries masked; with nothing masked the
+    ragged attention equals transformers' sdpa; and the eviction is real (the logits move)."""
+    import copy
+    import types
+
+    lm32 = types.SimpleNamespace(model=copy.deepcopy(lm.model).float(), dtype=torch.float32, device=lm.device,
+                                 tokenizer=lm.tokenizer, max_context=lm.max_context)
+    ids, npf = engine.document_ids(lm32, story_text[:1800])
+    S = len(ids)
+    cache, _, _ = engine.prefill(lm32, ids)
+    scores = engine.kvzip_scores(lm32, cache, ids, npf, chunk=128)
+    keep = engine.select_keep(scores, 0.7, npf)
+    assert len(set(keep.sum(-1).flatten().tolist())) > 5  # head-wise budgets: heads and layers differ
+    layers = engine.cache_layers(cache)
+    spec = engine.CartridgeSettings.parse("kvzip:0.7")
+    m = {"layout": "ragged", "layers": len(layers), "tokens": S, "head_dim": layers[0][0].shape[-1],
+         "quant": {"method": "none"}, "evict": {"kept_per_layer": keep.sum((1, 2)).tolist()}}
+    ragged, valid = engine.from_tensors(lm32, engine.ragged_tensors(layers, keep, spec), m)
+    assert max(ragged.layers[i].keys.shape[2] for i in range(len(layers))) < S  # shorter than the document
+
+    def full(mask=None):
+        from transformers import DynamicCache
+
+        c = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers], config=lm32.model.config)
+        return c, (None if mask is None else [mask[i] for i in range(len(layers))])
+
+    q = engine.question_ids(lm32, QUESTION)
+    x = q + lm32.tokenizer.encode(" The man in the story.")
+
+    def logits(c, v):
+        with torch.inference_mode(), engine.attention(lm32.model, None if v is None else "ctxc_ragged"):
+            out = lm32.model(input_ids=torch.tensor([x]), position_ids=torch.arange(S, S + len(x))[None],
+                             use_cache=True, **{cache_kwarg(lm32.model): c}, **({} if v is None else {"ctxc_valid": v}))
+        return out.logits[0].float()
+
+    l_ragged = logits(ragged, valid)
+    l_masked = logits(*full(keep))
+    assert (l_ragged - l_masked).abs().max() < 1e-3
+    assert (logits(*full(torch.ones_like(keep))) - logits(*full())).abs().max() < 1e-3  # = sdpa
+    assert (logits(*full()) - l_masked).abs().max() > 1e-2  # a real eviction
+    engine.truncate(ragged, [v.shape[1] for v in valid])  # drop the question and answer again
+    gens = []
+    for c, v in ((ragged, valid), full(keep)):
+        g = engine.Generation(t0=0.0)
+        gens.append(list(engine.greedy(lm32, c, q, S, 10, g, valid=v)))
+    assert gens[0] == gens[1] and gens[0]
+
+
+def test_kvzip_ids_follow_method_and_parameters(lm, doc):
+    from ctxc.cache_store.cartridge import cartridge_id, document_sha
+    from ctxc.cache_store.format import address
+
+    sha = document_sha(doc)
+    ids = {s: cartridge_id(lm, sha, engine.parse_setting(s)) for s in
+           ("none", "int4", "kvzip:0.5", "kvzip:0.75", "kvzip:0.5+int4", "kvzip:0.5+int8", "snapkv:0.5")}
+    assert len(set(ids.values())) == len(ids)
+    assert cartridge_id(lm, sha, engine.CartridgeSettings.parse("0.5")) == ids["kvzip:0.5"]  # the default method
+    assert cartridge_id(lm, sha, engine.CartridgeSettings.parse("kvzip:0.5", chunk=256)) != ids["kvzip:0.5"]
+    # what version 1 could hold keeps version 1 and the id it always had
+    before, _, style = engine.prompt_parts(lm)
+    assert ids["none"] == address(lm.fingerprint, lm.tokenizer.fingerprint, str(lm.dtype).replace("torch.", ""), sha,
+                                  before, style, {"evict": "none", "quant": "none"})
+    spec = engine.CartridgeSettings.parse("kvzip:0.5")
+    assert (spec.format_version, spec.layout) == (2, "ragged")
+    assert engine.CartridgeSettings.parse("snapkv:0.5").format_version == 1
+
+
+def _rewrite_tensors(built, tensors: dict) -> None:
+    """Replace a cartridge's tensors and redo every checksum in its manifest (what a careful forger does; the id
+    does not cover checksums)."""
+    from safetensors.torch import save as st_save
+
+    from ctxc.cache_store.format import sha256_bytes, tensor_sha256
+
+    m = json.loads((built.path / MANIFEST).read_text())
+    data = st_save(tensors, metadata={"ctxc": f"ctxc-cartridge v2 {m['id']}"})
+    for k, t in tensors.items():
+        m["tensors"][k]["sha256"] = tensor_sha256(t)
+    m["files"][TENSORS] = {"bytes": len(data), "sha256": sha256_bytes(data)}
+    m["bytes"]["file"] = len(data)
+    (built.path / TENSORS).write_bytes(data)
+    (built.path / MANIFEST).write_text(json.dumps(m))
+
+
+def test_ragged_lies_are_refused(lm, store, doc, kv_pre):
+    from safetensors.torch import load_file
+
+    built = build(doc, lm=lm, store=store, evict="kvzip:0.5", quant="int4", prefilled=kv_pre)
+    m = json.loads((built.path / MANIFEST).read_text())
+    per = m["evict"]["kept_per_layer"]
+    lo, hi = per.index(min(per)), per.index(max(per))
+
+    def moved(*deltas):
+        out = list(per)
+        for i, d in deltas:
+            out[i] += d
+        return out
+
+    for change, words in (({"evict__kept_per_layer": moved((lo, 1))}, "sums to"),
+                          ({"evict__kept_per_layer": moved((lo, 1), (hi, -1))}, "tensor layers"),
+                          ({"evict__kept_per_layer": per[:-1]}, "layers"),
+                          ({"format_version": 1}, "does not fit"),
+                          ({"layout": "dense"}, "layout"),
+                          ({"evict__norm": "none"}, "evict.kvzip.norm"),
+                          ({"evict__ratio": 0.75}, "kept_tokens"),
+                          # the strict schema: unknown keys, wrong types, closed choices, the other method's fields
+                          ({"evict__extra": 1}, "extra"),
+                          ({"evict__kept_per_layer": "all"}, "kept_per_layer"),
+                          ({"evict__kept_per_layer": [-1] + per[1:]}, "kept_per_layer"),
+                          ({"evict__query": "Who?"}, "query"),
+                          ({"evict__prompt": "Summarise the text."}, "prompt"),
+                          ({"evict__chunk": 4}, "chunk"),
+                          ({"evict__method": "snapkv"}, "evict"),
+                          ({"layout": "diagonal"}, "layout"),
+                          ({"format_version": 3}, "newer than this ctxc")):
+        _rewrite_manifest(built, **change)
+        with pytest.raises(CacheError, match=words):
+            load(built.id, lm=lm, store=store)
+        (built.path / MANIFEST).write_text(json.dumps(m))
+    load(built.id, lm=lm, store=store)  # restored: loads again
+    # keep bitmaps that disagree with the manifest, with every checksum redone: refused before the cache is built
+    t = load_file(str(built.path / TENSORS))
+    good = t["layers.3.keep"].clone()
+    bits = engine.unpack_bits(good)
+    for tamper, words in (("prefix", "protected template prefix"), ("count", "marks"), ("past", "past the")):
+        b = bits.clone()
+        if tamper == "prefix":  # same count: one prefix entry swapped for a dropped one
+            j = int((~b[0, : m["tokens"]]).nonzero()[0])
+            b[0, 0], b[0, j] = False, True
+        elif tamper == "count":
+            b[0, int((~b[0, : m["tokens"]]).nonzero()[0])] = True
+        elif m["tokens"] % 8:
+            b[0, m["tokens"]] = True
+            b[0, int(b[0].nonzero()[-2])] = False
+        else:
+            continue
+        t["layers.3.keep"] = engine.pack_bits(b)
+        _rewrite_tensors(built, t)
+        with pytest.raises(CacheError, match=words):
+            load(built.id, lm=lm, store=store)
+        assert "layers.3.keep" in (store.check(built.id) or "")
+
+
+def test_forged_ragged_import_is_caught_against_its_document(lm, store, doc, kv_pre, tmp_path):
+    """A kvzip cartridge of `doc` whose upper layers hold another document's entries (same keep bitmaps, checksums
+    redone): import cannot tell; the check against the document (keep bitmaps gathering the recomputed entries)
+    does, on `cache build`. A genuine one passes it."""
+    import re
+
+    built = build(doc, lm=lm, store=store, evict="kvzip:0.5", prefilled=kv_pre)
+    store.export(built.id, tmp_path / "good.tar")
+    other = re.sub(r"\bwas\b", "is", re.sub(r"\bthe\b", "a", doc))
+    ids_b, _ = engine.document_ids(lm, other)
+    assert len(ids_b) == built.manifest["tokens"]
+    cache_b, _, _ = engine.prefill(lm, ids_b)
+    from safetensors.torch import load_file
+
+    t = load_file(str(built.path / TENSORS))
+    for i, layer in enumerate(cache_b.layers):
+        if i >= 1:
+            keep = engine.unpack_bits(t[f"layers.{i}.keep"], len(ids_b))
+            t[f"layers.{i}.k"], t[f"layers.{i}.v"] = layer.keys[0][keep].contiguous(), layer.values[0][keep].contiguous()
+    _rewrite_tensors(built, t)
+    store.export(built.id, tmp_path / "forged.tar")
+    store.remove(built.id)
+    assert store.import_tar(tmp_path / "forged.tar") == (built.id, True) and store.verify()[0][1] is None
+    r = build(doc, lm=lm, store=store, evict="kvzip:0.5", prefilled=kv_pre)
+    assert not r.reused and any("does not match the document at" in n and "kept entries" in n for n in r.notes)
+    store.remove(r.id)
+    store.import_tar(tmp_path / "good.tar")
+    r = build(doc, lm=lm, store=store, evict="kvzip:0.5", prefilled=kv_pre)
+    assert r.reused and any("it matches" in n for n in r.notes) and store.origin(r.id) is None
+
+
+def test_query_aware_cartridge(lm, store, doc, kv_pre):
+    a = build(doc, lm=lm, store=store, query=QUESTION, prefilled=kv_pre)
+    m = a.manifest
+    q_ids = engine.question_ids(lm, QUESTION)
+    assert (m["format_version"], m["layout"], m["settings_label"]) == (2, "dense", "snapkv:0.5@query+none")
+    assert m["evict"]["query"] == QUESTION and m["evict"]["window"] == len(q_ids)
+    n, npf = m["tokens"], m["prompt"]["prefix_tokens"]
+    assert m["kept_tokens"] == n - int(n * 0.5)
+    # the kept entries are the question's best-voted ones (the template prefix always)
+    votes = engine.question_votes(lm, kv_pre.cache, q_ids, npf)
+    assert kv_pre.cache.get_seq_length() == n  # the question's own entries were removed again
+    from safetensors.torch import load_file
+
+    t = load_file(str(a.path / TENSORS))
+    for i in (0, 11, 29):
+        pos = t[f"layers.{i}.pos"].long()
+        assert (pos[:, :npf] == torch.arange(npf)).all()
+        for h in range(pos.shape[0]):
+            kept = set(pos[h].tolist())
+            dropped = [j for j in range(npf, n) if j not in kept]
+            assert min(votes[i, h, j].item() for j in kept if j >= npf) >= max(votes[i, h, j].item() for j in dropped)
+    other = build(doc, lm=lm, store=store, query="Where does it happen?", prefilled=kv_pre)
+    plain = build(doc, lm=lm, store=store, evict="snapkv:0.5", prefilled=None, window=16)
+    assert len({a.id, other.id, plain.id}) == 3
+    r = ask(a.id, QUESTION, lm=lm, store=store, max_new_tokens=4)
+    assert r.stats["source"] == "cartridge" and r.stats["new_tokens"] > 0
+    assert store.verify() == sorted((x, None) for x in (a.id, other.id, plain.id))
+    with pytest.raises(InputError, match="kvzip"):
+        build(doc, lm=lm, store=store, evict="kvzip:0.5", query=QUESTION)
+    with pytest.raises(InputError, match="empty"):
+        build(doc, lm=lm, store=store, query="  ")
+
+
+def test_cli_kvzip_and_query(store, tmp_path, small_doc):
+    f = tmp_path / "tiny.txt"
+    f.write_text(small_doc)
+    r = _cli("cache", "build", str(f), "--evict", "kvzip:0.5", "--quant", "int4", "-f", "json", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    (rec,) = json.loads(r.stdout)
+    assert rec["settings"] == "kvzip:0.5+int4" and rec["kept_tokens"] == rec["tokens"] - int(rec["tokens"] * 0.5)
+    r = _cli("cache", "build", str(f), "-q", QUESTION, "--name", "asked", "-f", "json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)[0]["settings"] == "snapkv:0.5@query+none"
+    r = _cli("cache", "verify")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2
+    r = _cli("ask", "--name", "asked", QUESTION, "-n", "3")
+    assert r.exit_code == 0 and r.stdout.strip(), r.stderr
+    _fails(_cli("cache", "build", str(f), "--evict", "kvzip:0.5", "-q", QUESTION), "kvzip")
+    _fails(_cli("cache", "build", str(f), "--evict", "kvzip:1.5"), "outside")
+    assert "kvzip" in _cli("cache", "build", "--help").stdout

@@ -1,4 +1,4 @@
-"""kv_quant and snapkv: the Triton paths (CPU interpreter, TRITON_INTERPRET=1 set before triton is imported) against
+"""kv_quant, snapkv and kvzip: the Triton paths (CPU interpreter, TRITON_INTERPRET=1 set before triton is imported) against
 the torch references, plus the references against hand-checkable facts.
 
 Quantization bound (per element, see `kv_quant.error_bound`): half a quantization step plus the fp16 rounding of the
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ctxc.errors import CtxcError
-from ctxc.kernels import kv_quant, snapkv
+from ctxc.kernels import kv_quant, kvzip, snapkv
 
 QSHAPES = [(1, 1, 1, 64), (2, 3, 37, 64), (1, 5, 129, 128), (3, 2, 11, 32)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -180,3 +180,92 @@ def test_snapkv_bad_shapes():
     q, k = _qk(1, 3, 3, 4, 20, 16, torch.float32)
     with pytest.raises(CtxcError, match="odd"):
         snapkv.snapkv_scores(q, k, kernel=4)
+
+
+# ---------------------------------------------------------------- kvzip
+
+ZSHAPES = [  # B, Hq, Hkv, Q, n_ctx, D
+    (1, 9, 3, 16, 64, 64),    # SmolLM2-135M's heads, one key block
+    (1, 9, 3, 37, 90, 64),    # ragged query and key blocks
+    (2, 4, 4, 5, 130, 32),    # no GQA, a batch, few queries
+    (1, 2, 1, 8, 0, 16),      # nothing to score
+]
+
+
+def _recon(B, Hq, Hkv, Q, n, D, dtype):
+    g = torch.Generator().manual_seed(Q * 1000 + n)
+    q = torch.randn(B, Hq, Q, D, generator=g).to(dtype)
+    k = (torch.randn(B, Hkv, n + Q, D, generator=g) * 1.5).to(dtype)
+    v = torch.randn(B, Hkv, n + Q, D, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("shape", ZSHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kvzip_triton_matches_torch(shape, dtype):
+    B, Hq, Hkv, Q, n, D = shape
+    q, k, _ = _recon(*shape, dtype)
+    ref = kvzip.kvzip_scores_torch(q, k, n)
+    got = kvzip.kvzip_scores_triton(q, k, n)
+    assert got.shape == ref.shape == (B, Hkv, n)
+    if n:
+        assert (got - ref).abs().max() <= 1e-6 + 1e-4 * ref.abs().max(), (got - ref).abs().max()
+        assert ref.max() > 0.05  # something is attended to: the comparison is not between two zero tensors
+
+
+def test_kvzip_reference_by_hand():
+    # D=2, one head, queries q0=(1,0), q1=(0,1) at positions 3 and 4 of 5 keys: key1=(ln 3, 0), key2=(0, ln 8), the
+    # rest 0. q0 sees keys 0..3: softmax of [0, ln 3, 0, 0] = [1/6, 1/2, 1/6, 1/6]; q1 sees keys 0..4 (its own
+    # included): softmax of [0, 0, ln 8, 0, 0] = [1/12, 1/12, 2/3, 1/12, 1/12]. The 2 context keys score the
+    # maxima over the queries: [1/6, 1/2].
+    ln3, ln8 = float(torch.log(torch.tensor(3.0))), float(torch.log(torch.tensor(8.0)))
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 2, 2)
+    keys = torch.tensor([[0.0, 0.0], [ln3, 0.0], [0.0, ln8], [0.0, 0.0], [0.0, 0.0]]).reshape(1, 1, 5, 2)
+    got = kvzip.kvzip_scores_torch(q, keys, n_ctx=2, scale=1.0)
+    assert torch.allclose(got, torch.tensor([[[1 / 6, 1 / 2]]]), atol=1e-6), got
+    # causal: q0 (position 3) never sees key 4, so a huge logit there changes nothing
+    keys[0, 0, 4, 0] = 50.0
+    assert torch.allclose(kvzip.kvzip_scores_torch(q, keys, 2, scale=1.0), got, atol=1e-6)
+    assert torch.allclose(kvzip.kvzip_scores_triton(_pad16(q), _pad16(keys), 2, scale=1.0), got, atol=1e-6)
+
+
+def _pad16(x):
+    """Zero-pad the head size to 16 (the Triton kernel's minimum): dot products are unchanged."""
+    return torch.nn.functional.pad(x, (0, 16 - x.shape[-1]))
+
+
+def test_kvzip_reference_block_size_invariant():
+    q, k, _ = _recon(1, 6, 2, 50, 70, 32, torch.float32)
+    assert torch.allclose(kvzip.kvzip_scores_torch(q, k, 70, block_q=7), kvzip.kvzip_scores_torch(q, k, 70))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kvzip_attention_matches_reference(fused):
+    """The reconstruction pass's layer op: its output is causal attention over cache + reconstruction tokens, its
+    scores the reference's. The fused CPU path takes q.k in bf16 (1-2 % relative on a probability); the other
+    (sdpa + `kvzip_scores`, the CUDA path) is exact."""
+    q, k, v = _recon(1, 9, 3, 40, 70, 64, torch.bfloat16)
+    out, scores = kvzip.kvzip_attention(q, k, v, 0.125, fused=fused)
+    ref = kvzip.kvzip_scores_torch(q, k, 70, 0.125)[0]
+    assert torch.allclose(scores, ref, rtol=3e-2 if fused else 1e-5, atol=1e-6)
+    visible = torch.cat((torch.ones(40, 70, dtype=torch.bool), torch.ones(40, 40).tril().bool()), 1)
+    o_ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(3, 1), v.float().repeat_interleave(3, 1), attn_mask=visible,
+        scale=0.125).transpose(1, 2)
+    assert out.shape == (1, 40, 9, 64) and (out.float() - o_ref).abs().max() < 2e-2
+
+
+def test_kvzip_attention_triton_backend():
+    q, k, v = _recon(1, 9, 3, 16, 64, 64, torch.float32)
+    _, a = kvzip.kvzip_attention(q, k, v, fused=False, backend="torch")
+    _, b = kvzip.kvzip_attention(q, k, v, fused=False, backend="triton")
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_kvzip_bad_shapes():
+    q, k, _ = _recon(1, 4, 3, 8, 20, 16, torch.float32)
+    with pytest.raises(CtxcError, match="do not match"):
+        kvzip.kvzip_scores(q, k, 20)
+    q, k, _ = _recon(1, 3, 3, 8, 20, 16, torch.float32)
+    with pytest.raises(CtxcError, match="do not fit"):
+        kvzip.kvzip_scores(q, k, 21)
