@@ -41,6 +41,10 @@ bench-all: bench
 	$(BIN)/python bench/bench_code.py
 	$(BIN)/python bench/bench_abstractive.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_pack.py
+	$(BIN)/python bench/bench_kvzip.py
+	$(BIN)/python bench/bench_attention.py
+	$(BIN)/python bench/bench_train.py --limit 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

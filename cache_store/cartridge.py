@@ -149,7 +149,9 @@ def _usable(store: CartridgeStore, cid: str, lm, text: str, notes: list[str]) ->
             problem = err.message
         if problem is None:
             store.mark_checked(cid)
-            notes.append(f"cartridge {short} (imported) checked against the document: it matches")
+            notes.append(f"cartridge {short} (imported, trained) matches this model's template; its trained entries "
+                         "cannot be recomputed from the document: trust it as far as you trust the archive"
+                         if m.get("train") else f"cartridge {short} (imported) checked against the document: it matches")
         else:
             problem = f"it was imported and does not belong to this document: {problem}"
     if problem is None:

@@ -706,6 +706,9 @@ def check_document(lm, tensors: dict, manifest: dict, ids: list[int], chunk_size
 
     if len(ids) != manifest["tokens"]:
         return f"the document has {len(ids):,} tokens, the cartridge {manifest['tokens']:,}"
+    # A trained cartridge's entries are what training made of the document, so only the template prefix, which
+    # training never touches, can be recomputed and compared (see `cache_store.train`).
+    trained_prefix = manifest["evict"]["protected_prefix_tokens"] if manifest.get("train") else None
     quant = manifest["quant"]
     tol = _MATCH_TOLERANCE.get(quant["method"], 0.45)
     ragged = is_ragged(manifest)
@@ -726,6 +729,11 @@ def check_document(lm, tensors: dict, manifest: dict, ids: list[int], chunk_size
         sk, sv = layer_kv(tensors, manifest, layer, k.device, k.dtype)
         if ragged:
             keep = unpack_bits(tensors[f"layers.{layer}.keep"].to(k.device), len(ids))
+            if trained_prefix is not None:
+                prefix = keep.clone()
+                prefix[:, trained_prefix:] = False
+                sk, sv = sk[prefix[keep]], sv[prefix[keep]]
+                keep = prefix
             k, v = k[keep], v[keep]
         elif dense_pos:
             p = tensors[f"layers.{layer}.pos"].to(k.device, torch.long)

@@ -165,6 +165,17 @@ class BuildInfo(Open):
     chunk_size: Optional[int] = None
 
 
+class TrainInfo(Open):
+    """A trained cartridge (`ctxc cache train`, issue 16): its values were trained by self-study, its layout is the
+    KVzip eviction it started from. `key` (part of `settings`, hence of the id) is the hash of `settings`."""
+
+    method: Literal["self-study"]
+    key: Hex32
+    settings: dict[Label, Union[Label, float, int]]
+    data_seed: int
+    loss_curve: Annotated[list[dict[Label, Optional[Union[int, float]]]], Field(max_length=4096)]
+
+
 class Manifest(Strict):
     format: Literal["ctxc-cartridge"]
     format_version: Literal[1, 2]
@@ -194,6 +205,12 @@ class Manifest(Strict):
     tensors: Annotated[dict[Annotated[str, StringConstraints(pattern=_TENSOR_NAME)], TensorInfo],
                        Field(max_length=16 * 1024)]
     build: BuildInfo
+    train: Optional[TrainInfo] = None
+
+
+def train_key(settings: dict) -> str:
+    """The id part of a trained cartridge's training settings (`TrainInfo.key`)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:ID_CHARS]
 
 
 def sha256_bytes(data) -> str:
@@ -370,6 +387,12 @@ def _inconsistency(man: Manifest, m: dict) -> str | None:
             return f"evict.kept_per_layer sums to {sum(per)}, not layers x kv_heads x kept_tokens " \
                    f"({man.layers * man.kv_heads * man.kept_tokens})"
     want_settings, want_label = settings.key(), settings.label()
+    if man.train is not None:  # trained: the KVzip layout it started from, plus the training settings' key
+        if not isinstance(man.evict, KVzipInfo):
+            return "a trained cartridge without the kvzip layout"
+        if train_key(man.train.settings) != man.train.key:
+            return "train.key is not the hash of train.settings"
+        want_settings, want_label = {**want_settings, "trained": man.train.key}, want_label + "+trained"
     if m["settings"] != want_settings:
         return "settings do not match the eviction and quantization fields"
     if man.settings_label != want_label:

@@ -259,6 +259,73 @@ def eval_cmd(
                   f"{res.seconds:.1f} s in all", markup=False)
 
 
+@cache_app.command("train")
+@handle_errors
+def train_cmd(
+    ctx: typer.Context,
+    path: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="The text file to train a cartridge for.")],
+    entries: Annotated[int, typer.Option("--entries", min=1, metavar="N", help="KV entries per layer and KV head (the mean over heads).")] = 256,
+    examples: Annotated[int, typer.Option("--examples", min=1, metavar="N", help="Self-study exchanges to generate (cached in the store, resumable).")] = 128,
+    steps: Annotated[int, typer.Option("--steps", min=1, metavar="N", help="Training steps.")] = 120,
+    batch: Annotated[int, typer.Option("--batch", min=1, metavar="N", help="Exchanges per training step.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", metavar="RATE", help="Peak learning rate (Adam; warmup, then cosine decay).")] = 1e-2,
+    seed: Annotated[int, typer.Option("--seed", metavar="S", help="Seed of the self-study data and of training: the same seed gives the same cartridge.")] = 0,
+    name: Annotated[Optional[str], typer.Option("--name", metavar="NAME", help="Label for `ctxc ask NAME` (default: the file name).")] = None,
+    model: o.Model = None,
+    encoding: o.Encoding = None,
+    fmt: o.OutputFormat = o.Format.text,
+    progress: o.Progress = True,
+):
+    """Train a small cartridge for a document by self-study; prints its id.
+
+    The local model writes exchanges about the document (questions, summaries, quotes, comparisons), and a cartridge
+    of --entries KV entries per head, started from the KVzip eviction of that size, is trained so that the model
+    answers with it as it does with the whole document (context distillation). It is stored like `cache build`'s
+    cartridges: `ctxc ask`, `cache ls/show/verify/export/import/eval` use it as is. Training the same document with
+    the same settings and seed again reuses it. Ctrl-C leaves no cartridge (the data made so far is kept).
+    Runs on the GPU with the global --device cuda.
+
+    \b
+    Examples:
+      ctxc cache train report.txt
+      ctxc cache train report.txt --entries 128 --steps 200 --name report-small
+      ctxc cache eval report-small --qa questions.jsonl --settings kvzip:0.9
+    """
+    from ..cache_store.store import CartridgeStore, Entry
+    from ..cache_store.train import train
+    from ..errors import InputError
+    from ..lm import load_model
+    from ..terminal import printable
+    from ..textio import read_text
+
+    settings = settings_of(ctx, model=model, encoding=encoding)
+    if not 0 < lr < 10:
+        raise InputError(f"--lr {lr} is outside (0, 10)", "e.g. --lr 0.01")
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path} is not a file", "pass the text file to train a cartridge for")
+    text = read_text(p, settings.encoding)
+    label = printable(name or p.name)[:256]
+    console = err_console()
+    with activity(progress, "training a cartridge") as bar:
+        lm = load_model(settings=settings)
+        r = train(text, lm=lm, entries=entries, examples=examples, steps=steps, lr=lr, seed=seed, batch=batch,
+                  name=label, source=p, store=CartridgeStore(settings=settings), progress=bar, settings=settings)
+    rec = _record(r.manifest, r.path, str(p), bytes=Entry(r.id, r.path, None).bytes, reused=r.reused,
+                  seconds=r.seconds)
+    if fmt is o.Format.text:
+        typer.echo(r.id)
+    else:
+        emit_json(rec)
+    curve = r.manifest["train"]["loss_curve"]
+    first, last = curve[0], curve[-1]
+    loss = lambda row: next((row[k] for k in ("val", "fit", "train") if row.get(k) is not None), None)  # noqa: E731
+    verb = "reused" if r.reused else f"trained in {r.seconds:.0f} s"
+    console.print(f"{r.id[:12]} {printable(rec['name'] or '-')}: {rec['kept_tokens']:,}/{rec['tokens']:,} entries "
+                  f"per head, {human_bytes(rec['bytes'])}, loss {loss(first) if loss(first) is not None else '-'} -> "
+                  f"{loss(last)} ({verb})", markup=False)
+
+
 @cache_app.command("ls")
 @handle_errors
 def ls_cmd(
