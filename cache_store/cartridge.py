@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,8 @@ from ..errors import CacheError, InputError
 from . import engine
 from .engine import CartridgeSettings
 from ..lm.hw import lm_threads
-from ..paths import remove_tree
 from ..settings import Settings
-from .format import FORMAT_TAG, MANIFEST, TENSORS, address, dtype_name, read_manifest, read_tensor_file, \
+from .format import FORMAT_TAG, TENSORS, address, dtype_name, read_manifest, read_tensor_file, \
     sha256_bytes, tensor_sha256
 from .store import CartridgeStore
 
@@ -223,20 +221,8 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
         manifest.update(name=name, document={
             "path": str(Path(source).resolve()) if source else None, "sha256": doc_sha, "chars": len(text),
             "bytes": len(text.encode("utf-8"))})
-        manifest["build"]["chunk_size"] = chunk_size
-        tmp = store._tmp_dir()
-        try:
-            (tmp / TENSORS).write_bytes(data)
-            manifest["build"]["seconds"] = round(time.perf_counter() - t0, 3)
-            # The manifest goes last: a directory without one is never taken for a cartridge.
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            for f in (TENSORS, MANIFEST):
-                with open(tmp / f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            store.commit(tmp, cid)
-        finally:
-            if tmp.exists():
-                remove_tree(store.root, tmp)
+        manifest["build"].update(chunk_size=chunk_size, seconds=round(time.perf_counter() - t0, 3))
+        store.write(cid, data, manifest)
         store.touch(cid)
     if name:
         store.set_name(cid, name)

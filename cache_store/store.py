@@ -253,6 +253,21 @@ class CartridgeStore:
 
     # ------------------------------------------------------------ write
 
+    def write(self, cid: str, tensors: bytes, manifest: dict) -> bool:
+        """Store a new cartridge atomically (caller holds `lock(cid)`): the tensors, then the manifest (a directory
+        without one is never taken for a cartridge), fsynced, in a temporary folder renamed into place."""
+        tmp = self._tmp_dir()
+        try:
+            (tmp / TENSORS).write_bytes(tensors)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            for f in (TENSORS, MANIFEST):
+                with open(tmp / f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            return self.commit(tmp, cid)
+        finally:
+            if tmp.exists():
+                remove_tree(self.root, tmp)
+
     def commit(self, tmp: Path, cid: str) -> bool:
         """Move a finished temp directory into place (caller holds `lock(cid)`). False if `cid` already existed."""
         dest = self.path(cid)

@@ -40,7 +40,7 @@ from ..settings import Settings
 from . import engine
 from .cartridge import BuildResult, Prefilled, _cartridge, _model, document_sha, prefill_document
 from .engine import CartridgeSettings
-from .format import MANIFEST, TENSORS, read_manifest, sha256_bytes, tensor_sha256, train_key
+from .format import TENSORS, read_manifest, sha256_bytes, tensor_sha256, train_key
 from .store import CartridgeStore
 
 KINDS = ("question", "summary", "explain", "quote", "compare")
@@ -616,7 +616,7 @@ def train(text: str, *, lm=None, entries: int = 256, examples: int = 128, steps:
             data=dstats, init_seconds=round(init_s, 3), init_cpu_seconds=round(init_cpu, 3),
             train_seconds=curve[-1]["seconds"], train_cpu_seconds=curve[-1]["cpu_seconds"])
         manifest["build"]["seconds"] = manifest["train"]["seconds"]
-        _write(store, cid, blob, manifest)
+        store.write(cid, blob, manifest)
         store.touch(cid)
     if name:
         store.set_name(cid, name)
@@ -653,20 +653,3 @@ def _finish_manifest(manifest: dict, tensors: dict, cid: str, spec: CartridgeSet
                "init": "kvzip eviction to the same entries", "loss_curve": curve[:MAX_CURVE]})
     manifest["bytes"].update(file=len(data), per_token=round(len(data) / n, 1))
     return data
-
-
-def _write(store: CartridgeStore, cid: str, data: bytes, manifest: dict) -> None:
-    """Tensors, then the manifest, into a temporary folder of the store, fsync, rename into place (as `build`)."""
-    from ..paths import remove_tree
-
-    tmp = store._tmp_dir()
-    try:
-        (tmp / TENSORS).write_bytes(data)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for f in (TENSORS, MANIFEST):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        store.commit(tmp, cid)
-    finally:
-        if tmp.exists():
-            remove_tree(store.root, tmp)

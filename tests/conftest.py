@@ -75,3 +75,14 @@ def shared_path(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     assert p.exists(), f"{p} is missing: the tests expect ../shared beside the checkout"
     return p
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, lm):
+    """A private cartridge store for one test, also what the CLI uses (CTXC_CARTRIDGES). `lm` first: the model is
+    resolved under the session CTXC_HOME before anything is redirected."""
+    from ctxc.cache_store.store import CartridgeStore
+
+    root = tmp_path / "cartridges"
+    monkeypatch.setenv("CTXC_CARTRIDGES", str(root))
+    return CartridgeStore(root)

@@ -10,20 +10,13 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from ctxc.cache_store import CartridgeStore, eval_cartridge
+from ctxc.cache_store import eval_cartridge
 from ctxc.cache_store import engine
 from ctxc.errors import CtxcError, InputError
 from test_vocabulary import check_vocabulary
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, lm):
-    root = tmp_path / "cartridges"
-    monkeypatch.setenv("CTXC_CARTRIDGES", str(root))
-    return CartridgeStore(root)
 
 
 @pytest.fixture(scope="module")

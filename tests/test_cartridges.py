@@ -32,14 +32,6 @@ QUESTION = "Who is the story about?"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch, lm):
-    # `lm` first: the model is resolved under the session CTXC_HOME before anything is redirected.
-    root = tmp_path / "cartridges"
-    monkeypatch.setenv("CTXC_CARTRIDGES", str(root))
-    return CartridgeStore(root)
-
-
 @pytest.fixture(scope="module")
 def doc(story_text) -> str:
     return story_text[:1000]
