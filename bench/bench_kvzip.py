@@ -19,7 +19,7 @@ build time of the first KVzip cartridge (reconstruction scores + selection + fil
 usage: nice -n 10 .venv/bin/python bench/bench_kvzip.py [--per-source 4] [--limit N] [--settings a,b,...]
            [--peer kvpress.jsonl] [--json rows.jsonl] [--threads 1]
 `--peer`: rows of kvpress's KVzipPress on the same example ids ({"id", "kvzip:R": ΔNLL}), computed in the peers' venv
-(/work/scratch/kv15/kvpress_eval.py), shown as extra rows.
+by bench/peer_kvpress.py from the examples `--examples-out` writes, shown as extra rows.
 """
 
 from __future__ import annotations
@@ -258,6 +258,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append one JSON line per example here")
     ap.add_argument("--no-generate", action="store_true", help="skip the greedy answers (exact match)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 dev cores are shared)")
+    ap.add_argument("--examples-out", default=None,
+                    help="write the examples as token ids (id, split, source, ids, n_prefix, q_ids, a_ids) for "
+                         "bench/peer_kvpress.py, then stop")
     args = ap.parse_args()
 
     import torch
@@ -275,6 +278,17 @@ def main() -> None:
                 r = json.loads(line)
                 peer[r["id"]] = r
     exs = examples(lm, args.per_source)[: args.limit]
+    if args.examples_out:
+        from ctxc.cache_store import engine
+
+        with open(args.examples_out, "w") as fh:
+            for ex in exs:
+                ids, n_prefix = engine.document_ids(lm, ex["text"])
+                fh.write(json.dumps({"id": ex["id"], "split": ex["split"], "source": ex["source"], "ids": ids,
+                                     "n_prefix": n_prefix, "q_ids": engine.question_ids(lm, ex["question"]),
+                                     "a_ids": lm.tokenizer.encode(ex["answer"])[:MAX_ANSWER]}) + "\n")
+        print(f"{len(exs)} examples written to {args.examples_out}")
+        return
     print(f"# model {lm.source.name} ({lm.dtype}, {lm.device}), torch threads {torch.get_num_threads()}, load avg "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {len(exs)} examples", flush=True)
     rows = []
