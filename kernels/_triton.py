@@ -79,3 +79,14 @@ def triton_device_ok(device) -> bool:
     """Can a Triton kernel actually run on tensors of `device`? CUDA always; CPU only under the interpreter."""
     kind = _device_type(device)
     return kind == "cuda" or (kind == "cpu" and is_interpreter())
+
+
+def require_triton(kernel: str, device, head_dim: int) -> None:
+    """One line instead of a Triton crash: the device must run Triton and the head size must be a power of two
+    >= 16 (`tl.arange` over the head dimension)."""
+    if not triton_device_ok(device):
+        raise CtxcError(f"the Triton {kernel} kernel cannot run on {device} tensors",
+                        "use a CUDA device, set TRITON_INTERPRET=1 (tests), or CTXC_KERNELS=torch")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise CtxcError(f"the Triton {kernel} kernel needs a power-of-two head size >= 16, not {head_dim}",
+                        "set CTXC_KERNELS=torch")

@@ -22,7 +22,7 @@ Used by `ctxc.compressors.attention` at the read-out layer (method `attention`, 
 from __future__ import annotations
 
 from ..errors import CtxcError
-from ._triton import triton_device_ok, use_triton
+from ._triton import require_triton, use_triton
 
 
 def _check(q, k_doc, k_suf, q_len) -> None:
@@ -158,14 +158,9 @@ def attn_readout_triton(q, k_doc, k_suf, q_len, scale: float | None = None):
     import torch
 
     _check(q, k_doc, k_suf, q_len)
-    if not triton_device_ok(q.device):
-        raise CtxcError(f"the Triton attn_readout kernel cannot run on {q.device} tensors",
-                        "use a CUDA device, set TRITON_INTERPRET=1 (tests), or CTXC_KERNELS=torch")
     B, S, Hq, Q, D = q.shape
     Hkv, N = k_doc.shape[1], k_doc.shape[2]
-    if D < 16 or D & (D - 1):
-        raise CtxcError(f"the Triton attn_readout kernel needs a power-of-two head size >= 16, not {D}",
-                        "set CTXC_KERNELS=torch")
+    require_triton("attn_readout", q.device, D)
     scale = D ** -0.5 if scale is None else scale
     kern = _triton_kernels()
     qq = q if q.stride(-1) == 1 else q.contiguous()

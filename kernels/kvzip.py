@@ -28,7 +28,7 @@ Three paths, as for SnapKV:
 from __future__ import annotations
 
 from ..errors import CtxcError
-from ._triton import triton_device_ok, use_triton
+from ._triton import require_triton, use_triton
 from .snapkv import _triton_kernels as snapkv_kernels
 
 
@@ -76,14 +76,9 @@ def kvzip_scores_triton(queries, keys, n_ctx: int, scale: float | None = None):
     import torch
 
     _check(queries, keys, n_ctx)
-    if not triton_device_ok(queries.device):
-        raise CtxcError(f"the Triton KVzip kernel cannot run on {queries.device} tensors",
-                        "use a CUDA device, set TRITON_INTERPRET=1 (tests), or CTXC_KERNELS=torch")
     B, Hq, Q, D = queries.shape
     Hkv, S = keys.shape[1], keys.shape[2]
-    if D < 16 or D & (D - 1):
-        raise CtxcError(f"the Triton KVzip kernel needs a power-of-two head size >= 16, not {D}",
-                        "set CTXC_KERNELS=torch")
+    require_triton("KVzip", queries.device, D)
     scale = D ** -0.5 if scale is None else scale
     k = snapkv_kernels()  # the same log-sum-exp pass as SnapKV, then its reduction with max instead of sum
     q = queries.contiguous()

@@ -17,7 +17,7 @@ all visible keys, (2) per block of prefix keys, sum over window queries of exp(s
 from __future__ import annotations
 
 from ..errors import CtxcError
-from ._triton import triton_device_ok, use_triton
+from ._triton import require_triton, use_triton
 
 
 def _check(queries, keys, kernel: int) -> None:
@@ -144,14 +144,9 @@ def snapkv_votes_triton(queries, keys, scale: float | None = None):
     """Triton votes, same contract as `snapkv_votes_torch`. Head size must be a power of two >= 16."""
     import torch
 
-    if not triton_device_ok(queries.device):
-        raise CtxcError(f"the Triton SnapKV kernel cannot run on {queries.device} tensors",
-                        "use a CUDA device, set TRITON_INTERPRET=1 (tests), or CTXC_KERNELS=torch")
     B, Hq, W, D = queries.shape
     Hkv, S = keys.shape[1], keys.shape[2]
-    if D < 16 or D & (D - 1):
-        raise CtxcError(f"the Triton SnapKV kernel needs a power-of-two head size >= 16, not {D}",
-                        "set CTXC_KERNELS=torch")
+    require_triton("SnapKV", queries.device, D)
     group = Hq // Hkv
     N = S - W
     scale = D ** -0.5 if scale is None else scale

@@ -269,3 +269,17 @@ def test_kvzip_bad_shapes():
     q, k, _ = _recon(1, 3, 3, 8, 20, 16, torch.float32)
     with pytest.raises(CtxcError, match="do not fit"):
         kvzip.kvzip_scores(q, k, 21)
+
+
+@pytest.mark.parametrize("interpret, head_dim, words", [
+    ("0", 64, "cannot run on cpu tensors"), ("1", 24, "power-of-two head size >= 16, not 24"),
+    ("1", 8, "not 8"), ("1", 64, None)])
+def test_triton_paths_refuse_what_they_cannot_run_in_one_line(monkeypatch, interpret, head_dim, words):
+    from ctxc.kernels._triton import require_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    if words is None:
+        require_triton("KVzip", torch.device("cpu"), head_dim)
+        return
+    with pytest.raises(CtxcError, match=words):
+        require_triton("KVzip", torch.device("cpu"), head_dim)
