@@ -90,3 +90,14 @@ def require_triton(kernel: str, device, head_dim: int) -> None:
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise CtxcError(f"the Triton {kernel} kernel needs a power-of-two head size >= 16, not {head_dim}",
                         "set CTXC_KERNELS=torch")
+
+
+def check_qk(op: str, queries, keys, q_name: str = "Q") -> None:
+    """queries [B, Hq, Q, D] and keys [B, Hkv, S, D] of one attention (grouped heads allowed), or one line saying
+    what is wrong; shared by the attention-score kernels before either path runs."""
+    if queries.dim() != 4 or keys.dim() != 4:
+        raise CtxcError(f"{op} wants queries [B, Hq, {q_name}, D] and keys [B, Hkv, S, D]", "pass 4-D tensors")
+    B, Hq, _, D = queries.shape
+    if keys.shape[0] != B or keys.shape[-1] != D or Hq % keys.shape[1]:
+        raise CtxcError(f"{op} shapes do not match: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}",
+                        "query heads must be a multiple of KV heads, with the same batch and head size")

@@ -28,17 +28,13 @@ Three paths, as for SnapKV:
 from __future__ import annotations
 
 from ..errors import CtxcError
-from ._triton import require_triton, use_triton
+from ._triton import check_qk, require_triton, use_triton
 from .snapkv import _triton_kernels as snapkv_kernels
 
 
 def _check(queries, keys, n_ctx: int) -> None:
-    if queries.dim() != 4 or keys.dim() != 4:
-        raise CtxcError("KVzip wants queries [B, Hq, Q, D] and keys [B, Hkv, S, D]", "pass 4-D tensors")
-    B, Hq, Q, D = queries.shape
-    if keys.shape[0] != B or keys.shape[-1] != D or Hq % keys.shape[1]:
-        raise CtxcError(f"KVzip shapes do not match: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}",
-                        "query heads must be a multiple of KV heads, with the same batch and head size")
+    check_qk("KVzip", queries, keys)
+    Q = queries.shape[2]
     if not 0 <= n_ctx <= keys.shape[2] - Q:
         raise CtxcError(f"KVzip: {n_ctx} context keys and {Q} queries do not fit {keys.shape[2]} keys",
                         "the queries sit at the last Q key positions, after the context")

@@ -17,16 +17,12 @@ all visible keys, (2) per block of prefix keys, sum over window queries of exp(s
 from __future__ import annotations
 
 from ..errors import CtxcError
-from ._triton import require_triton, use_triton
+from ._triton import check_qk, require_triton, use_triton
 
 
 def _check(queries, keys, kernel: int) -> None:
-    if queries.dim() != 4 or keys.dim() != 4:
-        raise CtxcError("SnapKV wants queries [B, Hq, W, D] and keys [B, Hkv, S, D]", "pass 4-D tensors")
-    B, Hq, W, D = queries.shape
-    if keys.shape[0] != B or keys.shape[-1] != D or Hq % keys.shape[1]:
-        raise CtxcError(f"SnapKV shapes do not match: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}",
-                        "query heads must be a multiple of KV heads, with the same batch and head size")
+    check_qk("SnapKV", queries, keys, "W")
+    W = queries.shape[2]
     if keys.shape[2] < W:
         raise CtxcError(f"SnapKV window {W} is longer than the {keys.shape[2]} keys", "use a smaller window")
     if kernel < 1 or kernel % 2 == 0:
