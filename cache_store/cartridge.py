@@ -134,7 +134,9 @@ def cartridge_id(lm, doc_sha: str, settings: CartridgeSettings) -> str:
 def _usable(store: CartridgeStore, cid: str, lm, text: str, notes: list[str]) -> bool:
     """Whether the stored cartridge `cid` may stand for `text`: intact (every checksum), and, when it was imported
     rather than built here, its tensors checked against the document (`engine.check_document`). A cartridge that
-    fails is removed, with a note saying why, so that the caller builds it again."""
+    fails is removed, with a note saying why, so that the caller builds it again. False when there is none."""
+    if not (store.exists(cid) or os.path.lexists(store.path(cid))):
+        return False
     short = cid[:12]
     problem = store.check(cid)
     if problem is None and store.origin(cid) is not None:
@@ -204,14 +206,13 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
     cid = cartridge_id(lm, doc_sha, spec)
     notes: list[str] = []
     with store.lock(cid):
-        if (store.exists(cid) or os.path.lexists(store.path(cid))) and _usable(store, cid, lm, text, notes):
+        if _usable(store, cid, lm, text, notes):
             m = read_manifest(store.path(cid), cid)
             store.touch(cid)
             store.set_name(cid, name)
             if progress:
                 progress(m.get("tokens", 0))
-            return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), True,
-                               time.perf_counter() - t0, notes)
+            return BuildResult(cid, store.path(cid), m, True, time.perf_counter() - t0, notes)
         window_votes = spec.evict == "snapkv" and spec.query is None
         if prefilled is None or prefilled.text != text or (window_votes and prefilled.window < spec.window):
             prefilled = prefill_document(text, lm=lm, window=spec.window if window_votes else 0,
@@ -458,7 +459,7 @@ def _cartridge_for(store: CartridgeStore, lm, text: str, path: Path, notes: list
         if m["model"]["fingerprint"] != lm.fingerprint or m["tokenizer"]["fingerprint"] != lm.tokenizer.fingerprint:
             continue
         with store.lock(e.id):
-            if store.exists(e.id) and _usable(store, e.id, lm, text, notes):
+            if _usable(store, e.id, lm, text, notes):
                 return e.id
     for name in dict.fromkeys([path.name, str(path)]):
         named = store.by_name(name)

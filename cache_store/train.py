@@ -38,7 +38,7 @@ from typing import Callable
 from ..errors import InputError
 from ..settings import Settings
 from . import engine
-from .cartridge import BuildResult, Prefilled, _cartridge, _model, document_sha, prefill_document
+from .cartridge import BuildResult, Prefilled, _cartridge, _model, _usable, document_sha, prefill_document
 from .engine import CartridgeSettings
 from .format import TENSORS, read_manifest, sha256_bytes, tensor_sha256, train_key
 from .store import CartridgeStore
@@ -573,7 +573,7 @@ def train(text: str, *, lm=None, entries: int = 256, examples: int = 128, steps:
     notes: list[str] = []
     say = progress or (lambda *a: None)
     with store.lock(cid):
-        if store.exists(cid) and store.check(cid) is None:
+        if _usable(store, cid, lm, text, notes):  # a damaged or foreign copy is removed here, then trained again
             store.touch(cid)
             store.set_name(cid, name)
             return BuildResult(cid, store.path(cid), read_manifest(store.path(cid), cid), True,

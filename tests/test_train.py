@@ -112,6 +112,19 @@ def test_an_imported_trained_cartridge_answers_for_its_file(trained, lm, tmp_pat
     assert other.exists(cid)
 
 
+def test_a_damaged_trained_cartridge_is_trained_again_not_reused(trained, lm, tmp_path):
+    store, r = trained
+    other = CartridgeStore(tmp_path / "copy")
+    shutil.copytree(store.path(r.id), other.path(r.id))
+    blob = bytearray((other.path(r.id) / TENSORS).read_bytes())
+    blob[-100] ^= 0xFF  # a flipped byte in the last tensor
+    (other.path(r.id) / TENSORS).write_bytes(bytes(blob))
+    again = _train(lm, other, name="fema")
+    assert not again.reused and again.id == r.id
+    assert any("was not reused" in n for n in again.notes), again.notes
+    assert other.verify(r.id) == [(r.id, None)]
+
+
 def test_same_seed_same_cartridge_and_ctrl_c_leaves_nothing(trained, lm, tmp_path):
     _, first = trained
     store = CartridgeStore(tmp_path / "store-b")
