@@ -31,6 +31,17 @@ class UnsafePathError(CtxcError):
     """A write or delete was asked for outside the folder it must stay in, or through a symbolic link."""
 
 
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (the model, embedder and tokenizer packages
+    ship data files; their code is not needed), or None when it is not installed."""
+    from importlib.util import find_spec
+
+    spec = find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def ensure_dir(path: Path, what: str, fix: str) -> Path:
     """`path` as an existing directory (made with its parents if needed), or an InputError naming `what`."""
     try:

