@@ -113,14 +113,17 @@ def _mean(xs: list) -> float | None:
 # Inputs
 
 
+QUESTIONS_HINT = "pass a JSON-lines file of questions (one object per line: question, answers)"
+
+
 def load_questions(path: str | Path, limit: int | None = None) -> list[Question]:
     """JSONL, one object per line: `question`, `answers` (list) or `answer` (string); optional `id`, `doc` (file
     name the question is about), `context` or `contexts` (its own context, used when no document path is given)."""
     p = Path(path)
     if not p.exists():
-        raise InputError(f"{p}: no such file", "pass --questions FILE.jsonl")
+        raise InputError(f"{p}: no such file", QUESTIONS_HINT)
     if p.is_dir():
-        raise InputError(f"{p} is a directory", "pass --questions FILE.jsonl")
+        raise InputError(f"{p} is a directory", QUESTIONS_HINT)
     from ..textio import read_text
 
     out: list[Question] = []

@@ -293,18 +293,13 @@ def train_cmd(
     """
     from ..cache_store.store import CartridgeStore, Entry
     from ..cache_store.train import train
-    from ..errors import InputError
     from ..lm import load_model
     from ..terminal import printable
     from ..textio import read_text
 
     settings = settings_of(ctx, model=model, encoding=encoding)
-    if not 0 < lr < 10:
-        raise InputError(f"--lr {lr} is outside (0, 10)", "e.g. --lr 0.01")
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{path} is not a file", "pass the text file to train a cartridge for")
-    text = read_text(p, settings.encoding)
+    text = read_text(p, settings.encoding)  # missing, a folder, binary, empty: one line each
     label = printable(name or p.name)[:256]
     console = err_console()
     with activity(progress, "training a cartridge") as bar:
