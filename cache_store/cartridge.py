@@ -131,6 +131,12 @@ def cartridge_id(lm, doc_sha: str, settings: CartridgeSettings) -> str:
                    settings.key(), settings.format_version)
 
 
+def document_info(text: str, doc_sha: str, source: str | os.PathLike | None) -> dict:
+    """The manifest's `document` record: where the text came from (if a file) and what it was."""
+    return {"path": str(Path(source).resolve()) if source else None, "sha256": doc_sha, "chars": len(text),
+            "bytes": len(text.encode("utf-8"))}
+
+
 def _usable(store: CartridgeStore, cid: str, lm, text: str, notes: list[str]) -> bool:
     """Whether the stored cartridge `cid` may stand for `text`: intact (every checksum), and, when it was imported
     rather than built here, its tensors checked against the document (`engine.check_document`). A cartridge that
@@ -219,9 +225,7 @@ def build(text: str, *, lm=None, evict: str | None = None, quant: str | None = N
                                          chunk_size=chunk_size, progress=progress, settings=settings)
         data, manifest = _cartridge(lm, prefilled, spec, cid, (settings or Settings.current()).kernels)
         del prefilled
-        manifest.update(name=name, document={
-            "path": str(Path(source).resolve()) if source else None, "sha256": doc_sha, "chars": len(text),
-            "bytes": len(text.encode("utf-8"))})
+        manifest.update(name=name, document=document_info(text, doc_sha, source))
         manifest["build"].update(chunk_size=chunk_size, seconds=round(time.perf_counter() - t0, 3))
         store.write(cid, data, manifest)
         store.touch(cid)

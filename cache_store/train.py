@@ -38,7 +38,8 @@ from typing import Callable
 from ..errors import InputError
 from ..settings import Settings
 from . import engine
-from .cartridge import BuildResult, Prefilled, _cartridge, _model, _usable, document_sha, prefill_document
+from .cartridge import BuildResult, Prefilled, _cartridge, _model, _usable, document_info, document_sha, \
+    prefill_document
 from .engine import CartridgeSettings
 from .format import TENSORS, read_manifest, sha256_bytes, tensor_sha256, train_key
 from .store import CartridgeStore
@@ -607,8 +608,7 @@ def train(text: str, *, lm=None, entries: int = 256, examples: int = 128, steps:
                 p.requires_grad_(g)
         tensors = cart.tensors(init, lm.dtype)
         blob = _finish_manifest(manifest, tensors, cid, spec, tsettings, tkey, ds, curve)
-        manifest["document"] = {"path": str(Path(source).resolve()) if source else None, "sha256": doc_sha,
-                                "chars": len(text), "bytes": len(text.encode("utf-8"))}
+        manifest["document"] = document_info(text, doc_sha, source)
         manifest["name"] = name
         manifest["train"].update(
             seconds=round(time.perf_counter() - t0, 3), cpu_seconds=round(time.process_time() - c0, 3),
